@@ -1,0 +1,34 @@
+# Quickstart: `make train`, `make test`. Everything installs into .venv/ in this folder.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+STAMP   := .venv/.installed
+# torch/torchvision pinned to the releases this machine carries on local disk.
+TORCH   := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup train test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[test]'
+	@# Offline Fashion-MNIST from Debian (skipped quietly without apt-get or root).
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) || true; \
+	fi
+	@touch $(STAMP)
+
+train: setup
+	$(PY) scripts/train.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+bench: setup
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) scripts/bench.py $(ARGS)
+
+clean:
+	rm -rf outputs multirun .pytest_cache
