@@ -1,0 +1,101 @@
+"""Optimizers (SGD with momentum/nesterov/weight decay, Adam) and the learning-rate schedule.
+
+Updates follow PyTorch's formulas exactly, so the same settings train the same way in both.
+State is a flat dict of arrays (for checkpoints): `state_dict()` / `load_state_dict()`.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from cnnpipe import ConfigError
+
+
+class Optimizer:
+    def __init__(self, params: dict[str, np.ndarray], lr: float, weight_decay: float = 0.0):
+        self.params, self.lr, self.weight_decay, self.t = params, float(lr), float(weight_decay), 0
+        self.buffers: dict[str, dict[str, np.ndarray]] = {}
+
+    def step(self, grads: dict[str, np.ndarray], lr: float):
+        self.t += 1
+        for name, p in self.params.items():
+            g = grads[name]
+            if self.weight_decay:
+                g = g + p.dtype.type(self.weight_decay) * p
+            self._update(name, p, g, lr)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        out = {"t": np.array(self.t, dtype=np.int64)}
+        for kind, bufs in self.buffers.items():
+            for name, arr in bufs.items():
+                out[f"{kind}/{name}"] = arr
+        return out
+
+    def load_state_dict(self, state: dict[str, np.ndarray]):
+        self.t = int(state["t"])
+        for key, arr in state.items():
+            if key == "t":
+                continue
+            kind, name = key.split("/", 1)
+            self.buffers.setdefault(kind, {})[name] = np.array(arr, dtype=self.params[name].dtype)
+
+
+class SGD(Optimizer):
+    def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
+        super().__init__(params, lr, weight_decay)
+        self.momentum, self.nesterov = float(momentum), bool(nesterov)
+        if self.nesterov and self.momentum <= 0:
+            raise ConfigError("optim.nesterov=true needs optim.momentum > 0.")
+        if self.momentum:
+            self.buffers["momentum"] = {n: np.zeros_like(p) for n, p in params.items()}
+
+    def _update(self, name, p, g, lr):
+        if self.momentum:
+            v = self.buffers["momentum"][name]
+            if self.t == 1:                 # PyTorch initialises the buffer with the first gradient
+                v[...] = g
+            else:
+                v *= p.dtype.type(self.momentum)
+                v += g
+            g = g + p.dtype.type(self.momentum) * v if self.nesterov else v
+        p -= p.dtype.type(lr) * g
+
+
+class Adam(Optimizer):
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, lr, weight_decay)
+        self.b1, self.b2, self.eps = float(betas[0]), float(betas[1]), float(eps)
+        self.buffers["m"] = {n: np.zeros_like(p) for n, p in params.items()}
+        self.buffers["v"] = {n: np.zeros_like(p) for n, p in params.items()}
+
+    def _update(self, name, p, g, lr):
+        T = p.dtype.type
+        m, v = self.buffers["m"][name], self.buffers["v"][name]
+        m *= T(self.b1); m += T(1 - self.b1) * g
+        v *= T(self.b2); v += T(1 - self.b2) * (g * g)
+        bc1, bc2 = 1 - self.b1 ** self.t, 1 - self.b2 ** self.t
+        denom = np.sqrt(v) / T(math.sqrt(bc2)) + T(self.eps)
+        p -= T(lr / bc1) * (m / denom)
+
+
+def build_optimizer(cfg, params):
+    name = cfg.name
+    if name == "sgd":
+        return SGD(params, cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    if name == "adam":
+        return Adam(params, cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    raise ConfigError(f"Unknown optimizer '{name}' (optim=...): choose optim=sgd or optim=adam.")
+
+
+def lr_at(cfg, step: int, steps_per_epoch: int, total_steps: int) -> float:
+    """The learning rate for `step` (0-based): constant, step (×gamma every step_size epochs) or cosine to min_lr."""
+    base, sched = float(cfg.lr), cfg.schedule
+    if sched == "constant":
+        return base
+    if sched == "step":
+        return base * cfg.gamma ** (step // (cfg.step_size * steps_per_epoch))
+    if sched == "cosine":
+        frac = min(step / max(total_steps, 1), 1.0)
+        return cfg.min_lr + 0.5 * (base - cfg.min_lr) * (1 + math.cos(math.pi * frac))
+    raise ConfigError(f"Unknown lr schedule '{sched}' (optim.schedule): choose constant, step or cosine.")
