@@ -7,17 +7,43 @@ import textwrap
 from cnnpipe import ConfigError
 
 EXIT_CONFIG = 2
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def say(message: str, prefix="error: "):
+    print("\n".join(textwrap.wrap(f"{prefix}{message}", width=110, break_on_hyphens=False,
+                                   break_long_words=False)), file=sys.stderr)
 
 
 def fail(message: str, code: int = EXIT_CONFIG):
-    print("\n".join(textwrap.wrap(f"error: {message}", width=110, break_on_hyphens=False,
-                                   break_long_words=False)), file=sys.stderr)
+    say(message)
     sys.exit(code)
 
 
 def run_guarded(fn):
-    """Call fn(); a ConfigError exits with its message (no traceback)."""
+    """Call fn(); a ConfigError exits 2 with its message, an interrupt exits 130/143 saying how to resume."""
+    from cnnpipe.train import Interrupted
     try:
         return fn()
     except ConfigError as e:
         fail(str(e))
+    except Interrupted as e:
+        say(f"stopped by {e.reason} after finishing the current step; {e.run_dir}/checkpoints/last.npz holds the "
+            f"exact position. Resume with: python scripts/train.py resume={e.run_dir}", prefix="interrupted: ")
+        sys.exit(EXIT_SIGNAL.get(e.reason, 1))
+
+
+def resume_run_dir_args(argv: list[str]) -> list[str]:
+    """`resume=<run dir or its checkpoint>` continues in that run directory: point Hydra's run dir there too
+    (its record of this invocation goes to .hydra/resume-<time>/, the original .hydra/ stays as it was)."""
+    from pathlib import Path
+    if "-m" in argv or "--multirun" in argv or any(a.startswith("hydra.run.dir=") for a in argv):
+        return []
+    value = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
+    if not value or value == "null":
+        return []
+    p = Path(value)
+    run_dir = p if p.is_dir() else (p.parent.parent if p.parent.name == "checkpoints" else None)
+    if run_dir is None or not run_dir.is_dir():
+        return []                               # the loader reports the missing file clearly
+    return [f"hydra.run.dir={run_dir}", "hydra.output_subdir=.hydra/resume-${now:%Y-%m-%d_%H-%M-%S}"]

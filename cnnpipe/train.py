@@ -4,10 +4,13 @@ Everything a run does is driven by the config: see conf/train.yaml and cnnpipe/c
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +32,7 @@ class Callback:
     def on_after_backward(self, tr, lr): ...            # gradients are fresh, parameters not yet updated
     def on_step_end(self, tr, loss, acc, lr): ...       # after the optimizer step; tr.step already counts it
     def on_epoch_end(self, tr, metrics): ...
+    def on_interrupt(self, tr): ...                     # a stop was requested; the step in progress finished
     def on_train_end(self, tr, metrics): ...
 
 
@@ -102,7 +106,9 @@ class Trainer:
             if bar is not None:
                 bar.close()
             if self.stop_requested:
-                raise Interrupted(self.stop_requested)
+                for cb in self.callbacks:
+                    cb.on_interrupt(self)
+                raise Interrupted(self.stop_requested, self.run_dir)
             self._end_epoch()
         return self._finish()
 
@@ -180,6 +186,9 @@ class Trainer:
 
 class Interrupted(Exception):
     """Raised after the step in progress finished because a stop was requested (signal)."""
+    def __init__(self, reason, run_dir):
+        super().__init__(reason)
+        self.reason, self.run_dir = reason, run_dir
 
 
 def optimized_metric(cfg, metrics):
@@ -190,11 +199,54 @@ def optimized_metric(cfg, metrics):
     return metrics[key]
 
 
-def train(cfg, run_dir) -> float:
-    """Run one training job in run_dir and return the optimized metric (for Hydra's sweepers)."""
+def make_trainer(cfg, run_dir, overrides=None) -> Trainer:
+    """A Trainer with its callbacks; with cfg.resume, rebuilt from the checkpoint and continuing in its run dir."""
+    from cnnpipe.checkpoint import Checkpointer, load_checkpoint, restore, resume_config, run_dir_of
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(cfg.resume)
+        cfg, run_dir = resume_config(cfg, ckpt, overrides), run_dir_of(ckpt)
     trainer = Trainer(cfg, run_dir)
-    metrics = trainer.fit()
-    return optimized_metric(cfg, metrics)
+    if ckpt is not None:
+        restore(trainer, ckpt)
+        log.info("resumed from %s at epoch %d, step %d (batch %d of the epoch)", ckpt["_path"], trainer.epoch,
+                 trainer.step, trainer.batch_in_epoch)
+    if cfg.checkpoint.enabled:
+        trainer.callbacks.append(Checkpointer(trainer))
+    if cfg.logger.tensorboard:
+        from cnnpipe.tb import TensorBoardLogger
+        trainer.callbacks.append(TensorBoardLogger(trainer))
+    return trainer
+
+
+def train(cfg, run_dir, overrides=None) -> float:
+    """Run one training job in run_dir and return the optimized metric (for Hydra's sweepers).
+
+    SIGINT/SIGTERM finish the step in progress, write checkpoints/last.npz and raise Interrupted."""
+    trainer = make_trainer(cfg, run_dir, overrides)
+    with stop_on_signals(trainer):
+        metrics = trainer.fit()
+    return optimized_metric(trainer.cfg, metrics)
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer):
+    """First SIGINT/SIGTERM: ask the loop to stop after this step. A second SIGINT: stop at once."""
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if trainer.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.stop_requested = name
+        log.warning("%s received: finishing the current step, then saving checkpoints/last.npz", name)
+    if threading.current_thread() is not threading.main_thread():
+        yield                                   # signals can only be handled on the main thread
+        return
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 # -- small helpers ------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from cnnpipe.cli import run_guarded
+from cnnpipe.cli import resume_run_dir_args, run_guarded
 from cnnpipe.config import register_configs
 
 register_configs()
@@ -17,8 +17,10 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     from cnnpipe.train import train
-    return run_guarded(lambda: train(cfg, HydraConfig.get().runtime.output_dir))
+    hc = HydraConfig.get()
+    return run_guarded(lambda: train(cfg, hc.runtime.output_dir, list(hc.overrides.task)))
 
 
 if __name__ == "__main__":
+    sys.argv += resume_run_dir_args(sys.argv[1:])
     main()
