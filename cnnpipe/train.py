@@ -170,18 +170,7 @@ class Trainer:
                 f"use dtype=float64, or check the data normalisation.")
 
     def evaluate(self, split):
-        """Mean loss, accuracy and predictions over a split, in eval mode (no dropout)."""
-        loss_sum, preds = 0.0, []
-        for x, y in batches(split, self.cfg.trainer.eval_batch_size, mean=self.data.mean, std=self.data.std,
-                            dtype=self.dtype):
-            logits = self.model.forward(x, train=False)
-            z = logits - logits.max(1, keepdims=True)
-            logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-            loss_sum += -float(logp[np.arange(len(y)), y].sum())
-            preds.append(logits.argmax(1))
-        preds = np.concatenate(preds) if preds else np.zeros(0, np.int64)
-        n = max(len(split.y), 1)
-        return loss_sum / n, float((preds == split.y).mean()) if len(preds) else 0.0, preds
+        return evaluate_split(self.model, split, self.data, self.cfg.trainer.eval_batch_size)
 
 
 class Interrupted(Exception):
@@ -189,6 +178,20 @@ class Interrupted(Exception):
     def __init__(self, reason, run_dir):
         super().__init__(reason)
         self.reason, self.run_dir = reason, run_dir
+
+
+def evaluate_split(model, split, data, batch_size):
+    """Mean loss, accuracy and predictions over a split, in eval mode (no dropout)."""
+    loss_sum, preds = 0.0, []
+    for x, y in batches(split, batch_size, mean=data.mean, std=data.std, dtype=model.dtype):
+        logits = model.forward(x, train=False)                           # N,classes
+        z = logits - logits.max(1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+        loss_sum -= float(logp[np.arange(len(y)), y].sum())
+        preds.append(logits.argmax(1))
+    preds = np.concatenate(preds) if preds else np.zeros(0, np.int64)
+    n = max(len(split.y), 1)
+    return loss_sum / n, float((preds == split.y).mean()) if len(preds) else 0.0, preds
 
 
 def optimized_metric(cfg, metrics):
