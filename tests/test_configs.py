@@ -1,0 +1,77 @@
+"""Every config group composes and builds; bad overrides fail with a clear message, exit code and no traceback."""
+from pathlib import Path
+
+import pytest
+
+from cnnpipe.model import build_model
+from conftest import REPO, run_script, tiny_overrides
+
+GROUPS = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml"))
+          for g in ("model", "pool", "backend", "data", "optim", "debug", "experiment")}
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_config_option_composes_and_builds(compose_cfg, group, option):
+    cfg = compose_cfg([f"{group}={option}"])
+    assert cfg[group if group not in ("debug", "experiment") else "name"] is not None
+    model = build_model(cfg)
+    assert model.out_shape == (cfg.data.num_classes,)
+
+
+def test_groups_are_not_empty():
+    assert {"lenet5", "convnet"} <= set(GROUPS["model"])
+    assert {"max", "mean"} <= set(GROUPS["pool"])
+    assert {"numpy", "numba"} <= set(GROUPS["backend"])
+    assert {"mnist", "fashion_mnist", "kmnist", "cifar10", "cifar100"} <= set(GROUPS["data"])
+    assert {"sgd", "adam"} <= set(GROUPS["optim"])
+
+
+def test_pool_mean_switches_every_pool_and_conv_k_every_conv(compose_cfg):
+    model = build_model(compose_cfg(["model=convnet", "pool=mean", "conv.k=3"]))
+    assert [l.mode for l in model.layers if l.kind == "pool"] == ["mean", "mean"]
+    assert [l.K for l in model.layers if l.kind == "conv"] == [3, 3]
+
+
+def test_a_layer_keeps_its_own_settings(compose_cfg):
+    model = build_model(compose_cfg(["model=custom_example", "conv.k=5", "pool=mean"]))
+    convs = [l for l in model.layers if l.kind == "conv"]
+    assert [c.K for c in convs] == [3, 4] and convs[1].stride == 2
+    pool = next(l for l in model.layers if l.kind == "pool")
+    assert (pool.size, pool.stride, pool.mode) == (3, 2, "mean")
+
+
+BAD = [
+    (["conv.k=abc"], "conv.k"),                       # Hydra's own type error
+    (["trainer.epoch=3"], "trainer.epoch"),            # unknown key
+    (["pool=maxx"], "pool/maxx"),                      # unknown option
+    (["conv.k=15"], "conv2"),                          # impossible architecture: names the layer and shapes
+    (["model.activation=swish"], "swish"),
+    (["backend=numpy", "backend.name=cuda"], "Unknown backend 'cuda'"),
+    (["dtype=float16"], "dtype"),
+    (["optim.schedule=linear"], "schedule"),
+]
+
+
+@pytest.mark.parametrize("overrides, needle", BAD, ids=lambda v: str(v))
+def test_bad_overrides_fail_clearly(tmp_path, fashion_root, overrides, needle):
+    r = run_script("train.py", *tiny_overrides(fashion_root), *overrides, f"hydra.run.dir={tmp_path / 'run'}")
+    assert r.returncode != 0
+    assert needle in " ".join(r.stderr.split())
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_architecture_errors_come_before_data_loading(tmp_path):
+    """An impossible stack fails even when no dataset exists anywhere."""
+    r = run_script("train.py", "conv.k=15", f"data.root={tmp_path / 'nothing'}", "data.download=false",
+                   "data.name=mnist", f"hydra.run.dir={tmp_path / 'run'}")
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 2 and "smaller than 1x1" in err and "dataset" not in err
+
+
+def test_missing_dataset_offline_is_a_clear_error(tmp_path):
+    r = run_script("train.py", "data=kmnist", f"data.root={tmp_path / 'empty'}", "data.download=false",
+                   f"hydra.run.dir={tmp_path / 'run'}")
+    assert r.returncode == 2
+    err = " ".join(r.stderr.split())
+    assert "kmnist" in err.lower() and str(tmp_path / "empty") in err
+    assert "Traceback" not in r.stderr
