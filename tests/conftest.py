@@ -53,7 +53,7 @@ def fashion_root(tmp_path_factory) -> Path:
 def tiny_overrides(root: Path, **extra) -> list[str]:
     ov = {"data.root": str(root), "data.download": "false", "data.val_size": "100", "data.limit_train": None,
           "data.limit_test": None, "trainer.epochs": "1", "trainer.batch_size": "32", "trainer.progress": "false",
-          "logger.tensorboard": "false"}
+          "logger.tensorboard": "false", "optim.lr": "0.01"}
     ov.update(extra)
     return [f"{k}={v}" for k, v in ov.items() if v is not None]
 
