@@ -1,0 +1,249 @@
+"""numpy backend: the readable reference kernels (DESIGN.md backend contract, rules 2-6).
+
+Dimension letters, fixed for the whole module:
+    N batch, C input channels, F filters, H,W input size, K kernel size,
+    Hp,Wp zero-padded input size, Ho,Wo output size, S stride, P pad.
+
+    y, cache   = conv2d_forward(x, w, b, stride=1, pad=0)          # x N,C,H,W  w F,C,K,K  b F -> y N,F,Ho,Wo
+    dx, dw, db = conv2d_backward(dy, cache, need_dx=True)          # rules 4 (without h'), 5, 6
+    y, cache   = pool2d_forward(x, size=2, stride=2, mode="max")   # "max" | "mean"
+    dx         = pool2d_backward(dy, cache)                        # rules 2, 3
+
+Convolution is im2col + GEMM: K² strided slice-copies gather every window into a buffer ordered
+(N, C,K,K, Ho,Wo), so one batched `W2d @ col` gives y as N,F,Ho,Wo with no transpose. Backward
+reuses the buffer: rule 5 is `δ @ colᵀ`, rule 4 is `col2im(W2dᵀ @ δ)` (K² strided slice-adds).
+`conv2d_backward_data_flipped` / `conv2d_backward_weight_reference` spell rules 4 and 5 out
+literally (flipped kernel, full convolution); the tests check the fast path against them.
+Everything stays in the input's dtype (float32 in, float32 out).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from cnnpipe import ConfigError
+
+# im2col buffers above this many bytes are built one chunk of samples at a time and not cached
+# (backward rebuilds them), e.g. C=64, K=5, N=256 at 28x28 would need 1.3 GB at once.
+COL_CHUNK_BYTES = 256 * 2**20
+
+
+def _out_size(H, K, S, P, what):
+    """Output length of a window of K sliding with stride S over H (+2P padding); remainder dropped."""
+    if K < 1 or S < 1 or P < 0:
+        raise ConfigError(f"{what}: kernel/window size {K}, stride {S} and pad {P} must satisfy size >= 1, "
+                          f"stride >= 1, pad >= 0. Fix the layer's size/stride/pad in the model config.")
+    if H + 2 * P < K:
+        raise ConfigError(f"{what}: a {K}x{K} window does not fit an input of size {H} (pad {P}). "
+                          f"Use a smaller kernel/pool size, more padding, or fewer downsampling layers.")
+    return (H + 2 * P - K) // S + 1
+
+
+def _zeropad(x, P):
+    """Zero-pad the last two axes by P on every side (a copy even for P=0 is avoided)."""
+    if P == 0:
+        return x
+    N, C, H, W = x.shape
+    xp = np.zeros((N, C, H + 2 * P, W + 2 * P), dtype=x.dtype)  # N,C,Hp,Wp
+    xp[:, :, P:P + H, P:P + W] = x
+    return xp
+
+
+def _im2col(xp, K, S, Ho, Wo):
+    """Gather every K×K window of xp into col[n, c,ki,kj, ho,wo] = xp[n, c, S*ho+ki, S*wo+kj]."""
+    N, C = xp.shape[:2]
+    col = np.empty((N, C, K, K, Ho, Wo), dtype=xp.dtype)  # N,C,K,K,Ho,Wo
+    for ki in range(K):
+        for kj in range(K):
+            col[:, :, ki, kj] = xp[:, :, ki:ki + S * Ho:S, kj:kj + S * Wo:S]
+    return col.reshape(N, C * K * K, Ho * Wo)  # N,CKK,HoWo
+
+
+def _col2im(dcol, C, K, S, Ho, Wo, Hp, Wp):
+    """Adjoint of _im2col: every window's gradient is added back where it was read (K² slice-adds)."""
+    N = dcol.shape[0]
+    dcol = dcol.reshape(N, C, K, K, Ho, Wo)
+    dxp = np.zeros((N, C, Hp, Wp), dtype=dcol.dtype)  # N,C,Hp,Wp
+    for ki in range(K):
+        for kj in range(K):
+            dxp[:, :, ki:ki + S * Ho:S, kj:kj + S * Wo:S] += dcol[:, :, ki, kj]
+    return dxp
+
+
+def _chunks(N, bytes_per_sample):
+    """Sample ranges whose im2col buffer stays under COL_CHUNK_BYTES (at least one sample each)."""
+    step = max(1, min(N, COL_CHUNK_BYTES // max(1, bytes_per_sample)))
+    return [slice(n0, min(N, n0 + step)) for n0 in range(0, N, step)]
+
+
+# ----------------------------------------------------------------------------- convolution
+
+def conv2d_forward(x, w, b, stride=1, pad=0):
+    """y[n,f] = b[f] + Σ_c correlate(zeropad(x[n,c]), w[f,c]) sampled every `stride` pixels."""
+    if x.ndim != 4 or w.ndim != 4 or w.shape[1] != x.shape[1] or w.shape[2] != w.shape[3] or b.shape != (w.shape[0],):
+        raise ConfigError(f"conv2d: expected x N,C,H,W, w F,C,K,K and b F with matching C, got x {x.shape}, "
+                          f"w {w.shape}, b {b.shape}. Check the layer's in_channels / kernel size.")
+    N, C, H, W = x.shape
+    F, _, K, _ = w.shape
+    S, P = int(stride), int(pad)
+    Ho, Wo = _out_size(H, K, S, P, "conv2d"), _out_size(W, K, S, P, "conv2d")
+    w2d = w.astype(x.dtype, copy=False).reshape(F, C * K * K)  # F,CKK
+    xp = _zeropad(x, P)  # N,C,Hp,Wp
+    y = np.empty((N, F, Ho * Wo), dtype=x.dtype)  # N,F,HoWo
+    chunks = _chunks(N, C * K * K * Ho * Wo * x.itemsize)
+    col = None
+    for sl in chunks:
+        col = _im2col(xp[sl], K, S, Ho, Wo)  # n,CKK,HoWo
+        np.matmul(w2d, col, out=y[sl])  # n,F,HoWo
+    y += b.astype(x.dtype, copy=False)[:, None]
+    # one chunk: keep its im2col buffer for backward; several: keep xp and rebuild them there
+    cache = (x.shape, xp.shape, w2d, K, S, P, col) if len(chunks) == 1 else (x.shape, xp.shape, w2d, K, S, P, xp)
+    return y.reshape(N, F, Ho, Wo), cache
+
+
+def conv2d_backward(dy, cache, need_dx=True):
+    """Rules 4 (without h'), 5, 6: dx = full conv of δ with the flipped kernel, dw = zeropad(x) ⋆ δ, db = Σδ.
+
+    dx is computed as col2im(W2dᵀ @ δ), which is the same sum as rule 4's flipped-kernel full
+    convolution (see conv2d_backward_data_flipped). h'(a) is applied by the activation layer
+    (rule 7). need_dx=False skips rule 4 and returns dx=None (the first layer needs no input δ).
+    """
+    (N, C, H, W), (_, _, Hp, Wp), w2d, K, S, P, saved = cache
+    F, dtype = w2d.shape[0], w2d.dtype
+    Ho, Wo = dy.shape[2:]
+    dy3 = np.ascontiguousarray(dy, dtype=dtype).reshape(N, F, Ho * Wo)  # N,F,HoWo
+    db = dy3.sum(axis=(0, 2))  # F                                             rule 6
+    dw = np.zeros((F, C * K * K), dtype=dtype)  # F,CKK
+    dxps = []
+    for sl in _chunks(N, C * K * K * Ho * Wo * dtype.itemsize):
+        col = saved if saved.ndim == 3 else _im2col(saved[sl], K, S, Ho, Wo)  # n,CKK,HoWo
+        dw += np.matmul(dy3[sl], col.transpose(0, 2, 1)).sum(axis=0)  # F,CKK  rule 5
+        if need_dx:
+            dcol = np.matmul(w2d.T, dy3[sl])  # n,CKK,HoWo                          rule 4
+            dxps.append(_col2im(dcol, C, K, S, Ho, Wo, Hp, Wp))  # n,C,Hp,Wp
+    dx = None
+    if need_dx:
+        dxp = dxps[0] if len(dxps) == 1 else np.concatenate(dxps)  # N,C,Hp,Wp
+        dx = dxp if P == 0 else np.ascontiguousarray(dxp[:, :, P:P + H, P:P + W])  # N,C,H,W
+    return dx, dw.reshape(F, C, K, K), db
+
+
+def _correlate_valid(a, k):
+    """out[n,c] = Σ_f valid-correlate(a[n,f], k[c,f]); a N,F,Ha,Wa  k C,F,Kh,Kw -> N,C,Ha-Kh+1,Wa-Kw+1."""
+    N, F, Ha, Wa = a.shape
+    C, _, Kh, Kw = k.shape
+    Ho, Wo = Ha - Kh + 1, Wa - Kw + 1
+    out = np.zeros((N, C, Ho, Wo), dtype=np.result_type(a, k))
+    for i in range(Kh):
+        for j in range(Kw):
+            out += np.einsum("nfhw,cf->nchw", a[:, :, i:i + Ho, j:j + Wo], k[:, :, i, j])
+    return out
+
+
+def _dilate(dy, S):
+    """Put δ back on the stride grid: (Ho-1)*S+1 wide, zeros between the samples."""
+    N, F, Ho, Wo = dy.shape
+    d = np.zeros((N, F, (Ho - 1) * S + 1, (Wo - 1) * S + 1), dtype=dy.dtype)
+    d[:, :, ::S, ::S] = dy
+    return d
+
+
+def conv2d_backward_data_flipped(dy, w, x_shape, stride=1, pad=0):
+    """Rule 4, literally: dilate δ by the stride, zero-pad by K-1, valid-correlate with the kernel
+    flipped horizontally and vertically (channels swapped), crop the padding. Slow; a test oracle."""
+    N, C, H, W = x_shape
+    F, _, K, _ = w.shape
+    S, P = int(stride), int(pad)
+    delta = _zeropad(_dilate(dy, S), K - 1)  # N,F,(Ho-1)S+2K-1,(Wo-1)S+2K-1
+    flip = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # C,F,K,K   fliplr(flipud(w)), channels swapped
+    full = _correlate_valid(delta, flip)  # N,C,(Ho-1)S+K,(Wo-1)S+K
+    dxp = np.zeros((N, C, H + 2 * P, W + 2 * P), dtype=dy.dtype)  # N,C,Hp,Wp; rows/cols no window reached stay 0
+    dxp[:, :, :full.shape[2], :full.shape[3]] = full
+    return dxp[:, :, P:P + H, P:P + W]  # N,C,H,W
+
+
+def conv2d_backward_weight_reference(dy, x, K, stride=1, pad=0):
+    """Rule 5, literally: dw[f,c] = Σ_n valid-correlate(zeropad(x[n,c]), dilated δ[n,f]), first K×K."""
+    xp = _zeropad(x, int(pad)).transpose(1, 0, 2, 3)  # C,N,Hp,Wp   (samples play the summed axis)
+    delta = _dilate(dy, int(stride)).transpose(1, 0, 2, 3)  # F,N,(Ho-1)S+1,(Wo-1)S+1
+    return _correlate_valid(xp, delta)[:, :, :K, :K].transpose(1, 0, 2, 3)  # F,C,K,K
+
+
+# ----------------------------------------------------------------------------- pooling
+
+def pool2d_forward(x, size=2, stride=2, mode="max"):
+    """Max or mean over size×size windows every `stride` pixels; rows/cols left over are dropped."""
+    if mode not in ("max", "mean"):
+        raise ConfigError(f"pool2d: unknown pooling mode '{mode}'. Use pool=max or pool=mean.")
+    if x.ndim != 4:
+        raise ConfigError(f"pool2d: expected an N,C,H,W input, got shape {x.shape}. Put pooling after a conv layer.")
+    N, C, H, W = x.shape
+    k, S = int(size), int(stride)
+    Ho, Wo = _out_size(H, k, S, 0, "pool2d"), _out_size(W, k, S, 0, "pool2d")
+    tiled = k == S  # non-overlapping, no gaps: the windows are a reshape away
+    if mode == "mean":
+        if tiled:
+            y = x[:, :, :Ho * k, :Wo * k].reshape(N, C, Ho, k, Wo, k).sum(axis=(3, 5))  # N,C,Ho,Wo
+        else:
+            y = np.zeros((N, C, Ho, Wo), dtype=x.dtype)  # N,C,Ho,Wo
+            for ki in range(k):
+                for kj in range(k):
+                    y += x[:, :, ki:ki + S * Ho:S, kj:kj + S * Wo:S]
+        y *= 1.0 / (k * k)
+        return y, (mode, x.shape, x.dtype, k, S, None)
+    y, arg = (_maxpool_tiled if tiled else _maxpool_strided)(x, k, S, Ho, Wo)
+    return y, (mode, x.shape, x.dtype, k, S, arg)
+
+
+def _argtype(k):
+    return np.uint8 if k * k <= 256 else np.int32
+
+
+def _maxpool_tiled(x, k, S, Ho, Wo):
+    """size == stride: reshape to windows, argmax (first max in row-major window order)."""
+    N, C = x.shape[:2]
+    win = x[:, :, :Ho * k, :Wo * k].reshape(N, C, Ho, k, Wo, k).transpose(0, 1, 2, 4, 3, 5)
+    win = win.reshape(N, C, Ho, Wo, k * k)  # N,C,Ho,Wo,kk (a copy)
+    arg = win.argmax(axis=-1).astype(_argtype(k))  # N,C,Ho,Wo  index of the winner in its window
+    y = np.take_along_axis(win, arg[..., None].astype(np.intp), axis=-1)[..., 0]  # N,C,Ho,Wo
+    return y, arg
+
+
+def _maxpool_strided(x, k, S, Ho, Wo):
+    """Any size/stride: running max over the k² window offsets; strict > keeps the first max."""
+    y = x[:, :, 0:S * Ho:S, 0:S * Wo:S].copy()  # N,C,Ho,Wo
+    arg = np.zeros(y.shape, dtype=_argtype(k))  # N,C,Ho,Wo
+    for o in range(1, k * k):
+        ki, kj = divmod(o, k)
+        v = x[:, :, ki:ki + S * Ho:S, kj:kj + S * Wo:S]
+        better = v > y
+        np.copyto(y, v, where=better)
+        arg[better] = o
+    return y, arg
+
+
+def pool2d_backward(dy, cache):
+    """Rules 2, 3: max sends δ to the recorded winner only; mean sends δ/size² to every window
+    member. Overlapping windows accumulate; dropped remainder rows/cols get 0."""
+    mode, (N, C, H, W), dtype, k, S, arg = cache
+    Ho, Wo = dy.shape[2:]
+    dy = dy.astype(dtype, copy=False)
+    dx = np.zeros((N, C, H, W), dtype=dtype)  # N,C,H,W
+    if mode == "mean":  # rule 3
+        d = dy * (1.0 / (k * k))  # N,C,Ho,Wo
+        if k == S:  # one broadcast: each window member gets its window's δ/k²
+            dx[:, :, :Ho * k, :Wo * k].reshape(N, C, Ho, k, Wo, k)[...] = d[:, :, :, None, :, None]
+        else:
+            for ki in range(k):
+                for kj in range(k):
+                    dx[:, :, ki:ki + S * Ho:S, kj:kj + S * Wo:S] += d
+        return dx
+    if k == S:  # rule 2, tiled: scatter δ into its window at the winner, reshape back
+        dwin = np.zeros((N, C, Ho, Wo, k * k), dtype=dtype)  # N,C,Ho,Wo,kk
+        np.put_along_axis(dwin, arg[..., None].astype(np.intp), dy[..., None], axis=-1)
+        dx[:, :, :Ho * k, :Wo * k] = dwin.reshape(N, C, Ho, Wo, k, k).transpose(0, 1, 2, 4, 3, 5).reshape(
+            N, C, Ho * k, Wo * k)
+        return dx
+    for o in range(k * k):  # rule 2, general: offset by offset, overlapping windows accumulate
+        ki, kj = divmod(o, k)
+        dx[:, :, ki:ki + S * Ho:S, kj:kj + S * Wo:S] += np.where(arg == o, dy, 0)
+    return dx

@@ -1,0 +1,172 @@
+"""numpy backend (the reference) vs torch autograd, finite differences, and the literal rule-4/5 forms."""
+import numpy as np
+import pytest
+
+from cnnpipe import ConfigError
+from cnnpipe.backends import get_backend
+from cnnpipe.backends import numpy_backend as B
+from kernel_oracle import (check_conv_against_torch, check_pool_against_torch, fd_check_conv, fd_check_pool,
+                           random_conv_cases, random_pool_cases, rel_err)
+
+# hand-picked edges + randomized shapes (K 1-6, stride 1-3, pad 0-3, H != W)
+CONV_CASES = [
+    (2, 3, 8, 8, 4, 3, 1, 1),   # odd K, "same" padding
+    (2, 2, 9, 7, 3, 4, 1, 0),   # even K, rectangular
+    (1, 2, 10, 11, 3, 2, 2, 0),  # even K, stride 2, remainder column dropped
+    (2, 1, 7, 7, 2, 3, 3, 2),   # stride 3 with pad: padded rows no window reaches
+    (3, 2, 5, 6, 2, 1, 2, 3),   # 1x1 kernel, big pad
+    (1, 1, 2, 3, 1, 6, 1, 2),   # kernel larger than the unpadded input
+    (2, 1, 28, 28, 6, 5, 1, 2),  # LeNet-5 conv1
+    (2, 6, 14, 14, 16, 5, 1, 0),  # LeNet-5 conv2
+] + random_conv_cases(seed=1, n=24)
+
+POOL_CASES = [
+    (2, 3, 8, 8, 2, 2, "max"), (2, 3, 8, 8, 2, 2, "mean"),      # tiled
+    (2, 2, 7, 9, 2, 2, "max"), (2, 2, 7, 9, 2, 2, "mean"),      # tiled, odd sizes: remainder dropped
+    (2, 2, 9, 8, 3, 2, "max"), (2, 2, 9, 8, 3, 2, "mean"),      # overlapping
+    (2, 2, 9, 10, 2, 3, "max"), (2, 2, 9, 10, 2, 3, "mean"),    # gapped
+    (1, 2, 6, 6, 1, 1, "max"), (1, 2, 5, 5, 3, 1, "mean"),      # size 1, stride 1 heavy overlap
+] + random_pool_cases(seed=2, n=24)
+
+DTYPES = [np.float32, np.float64]
+
+
+def _id(case):
+    return "-".join(map(str, case))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=_id)
+def test_conv_matches_torch(case, dtype):
+    check_conv_against_torch(B, *case, dtype=dtype, seed=len(case) + sum(case))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", POOL_CASES, ids=_id)
+def test_pool_matches_torch(case, dtype):
+    check_pool_against_torch(B, *case, dtype=dtype, seed=case[2] * case[3])
+
+
+@pytest.mark.parametrize("case", CONV_CASES[:6] + random_conv_cases(seed=3, n=6), ids=_id)
+def test_conv_finite_differences(case):
+    fd_check_conv(B, *case)
+
+
+@pytest.mark.parametrize("case", POOL_CASES[:10] + random_pool_cases(seed=4, n=6), ids=_id)
+def test_pool_finite_differences(case):
+    fd_check_pool(B, *case)
+
+
+@pytest.mark.parametrize("case", CONV_CASES[:8] + random_conv_cases(seed=5, n=8), ids=_id)
+def test_rule4_flipped_kernel_and_rule5_reference_equal_fast_path(case):
+    N, C, H, W, F, K, S, P = case
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal((N, C, H, W)), rng.standard_normal((F, C, K, K)), rng.standard_normal(F)
+    y, cache = B.conv2d_forward(x, w, b, stride=S, pad=P)
+    dy = rng.standard_normal(y.shape)
+    dx, dw, _ = B.conv2d_backward(dy, cache)
+    assert rel_err(dx, B.conv2d_backward_data_flipped(dy, w, x.shape, stride=S, pad=P)) < 1e-12
+    assert rel_err(dw, B.conv2d_backward_weight_reference(dy, x, K, stride=S, pad=P)) < 1e-12
+
+
+def test_flipped_kernel_reference_really_flips():
+    """An asymmetric kernel: rule 4 without the flip would give a different (wrong) answer."""
+    x = np.zeros((1, 1, 5, 5))
+    w = np.arange(9.0).reshape(1, 1, 3, 3)
+    y, cache = B.conv2d_forward(x, w, np.zeros(1))
+    dy = np.zeros(y.shape)
+    dy[0, 0, 1, 1] = 1.0  # one output neuron: its δ reaches x[1:4, 1:4] through w itself (unflipped)
+    dx, _, _ = B.conv2d_backward(dy, cache)
+    ref = B.conv2d_backward_data_flipped(dy, w, x.shape)
+    np.testing.assert_array_equal(dx[0, 0, 1:4, 1:4], w[0, 0])
+    np.testing.assert_array_equal(ref, dx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_need_dx_false_skips_rule4_only(dtype):
+    rng = np.random.default_rng(0)
+    x, w, b = (rng.standard_normal(s).astype(dtype) for s in [(2, 3, 9, 9), (4, 3, 3, 3), (4,)])
+    y, cache = B.conv2d_forward(x, w, b, stride=2, pad=1)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dx0, dw0, db0 = B.conv2d_backward(dy, cache, need_dx=False)
+    dx1, dw1, db1 = B.conv2d_backward(dy, cache)
+    assert dx0 is None and dx1 is not None and dx1.shape == x.shape
+    np.testing.assert_array_equal(dw0, dw1)
+    np.testing.assert_array_equal(db0, db1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_dtype_preserved_everywhere(dtype):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 10, 10)).astype(dtype)
+    w, b = rng.standard_normal((4, 3, 3, 3)).astype(dtype), rng.standard_normal(4).astype(dtype)
+    y, cache = B.conv2d_forward(x, w, b, stride=1, pad=1)
+    grads = B.conv2d_backward(np.ones_like(y), cache)
+    assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
+    for size, stride in [(2, 2), (3, 2), (2, 3)]:
+        for mode in ("max", "mean"):
+            p, pc = B.pool2d_forward(y, size=size, stride=stride, mode=mode)
+            assert p.dtype == dtype and B.pool2d_backward(np.ones_like(p), pc).dtype == dtype
+
+
+def test_max_pool_ties_go_to_first_max_in_row_major_order():
+    x = np.zeros((1, 1, 4, 5), dtype=np.float32)  # every window is a tie
+    for size, stride in [(2, 2), (3, 1), (2, 3)]:
+        y, cache = B.pool2d_forward(x, size=size, stride=stride, mode="max")
+        dx = B.pool2d_backward(np.ones_like(y), cache)
+        expect = np.zeros_like(x)
+        for i in range(y.shape[2]):
+            for j in range(y.shape[3]):
+                expect[0, 0, i * stride, j * stride] += 1  # top-left of each window; overlaps accumulate
+        np.testing.assert_array_equal(dx, expect)
+
+
+def test_max_pool_tiled_fast_path_equals_general_path():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 3, size=(3, 4, 11, 9)).astype(np.float64)  # many ties on purpose
+    for k in (2, 3):
+        Ho, Wo = 11 // k, 9 // k
+        y1, a1 = B._maxpool_tiled(x, k, k, Ho, Wo)
+        y2, a2 = B._maxpool_strided(x, k, k, Ho, Wo)
+        np.testing.assert_array_equal(y1, y2)
+        np.testing.assert_array_equal(a1, a2)
+
+
+def test_overlapping_max_pool_accumulates():
+    x = np.array([[[[0.0, 1.0, 0.0, 0.0, 0.0],
+                    [0.0, 0.0, 9.0, 0.0, 0.0],
+                    [0.0, 0.0, 0.0, 0.0, 0.0]]]])
+    y, cache = B.pool2d_forward(x, size=3, stride=1, mode="max")  # 3 windows, all won by the 9
+    dx = B.pool2d_backward(np.array([[[[1.0, 2.0, 4.0]]]]), cache)
+    assert dx[0, 0, 1, 2] == 7.0 and dx.sum() == 7.0
+
+
+def test_chunked_im2col_matches_single_chunk(monkeypatch):
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal((5, 3, 8, 8)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
+    y1, c1 = B.conv2d_forward(x, w, b, stride=1, pad=1)
+    dy = rng.standard_normal(y1.shape)
+    g1 = B.conv2d_backward(dy, c1)
+    monkeypatch.setattr(B, "COL_CHUNK_BYTES", 2 * 27 * 64 * 8)  # two samples per chunk -> 3 chunks
+    y2, c2 = B.conv2d_forward(x, w, b, stride=1, pad=1)
+    assert c2[-1].ndim == 4  # the padded input was cached, not an im2col buffer
+    g2 = B.conv2d_backward(dy, c2)
+    assert rel_err(y2, y1) < 1e-14
+    for a, r in zip(g2, g1):
+        assert rel_err(a, r) < 1e-14
+
+
+def test_registry_returns_this_module():
+    assert get_backend("numpy") is B
+
+
+@pytest.mark.parametrize("call", [
+    lambda: B.conv2d_forward(np.zeros((1, 2, 5, 5)), np.zeros((3, 1, 3, 3)), np.zeros(3)),  # channel mismatch
+    lambda: B.conv2d_forward(np.zeros((1, 1, 3, 3)), np.zeros((1, 1, 5, 5)), np.zeros(1)),  # kernel too big
+    lambda: B.conv2d_forward(np.zeros((1, 1, 5, 5)), np.zeros((1, 1, 3, 3)), np.zeros(1), stride=0),
+    lambda: B.pool2d_forward(np.zeros((1, 1, 5, 5)), size=2, stride=2, mode="median"),
+    lambda: B.pool2d_forward(np.zeros((1, 1, 3, 3)), size=4, stride=1),
+])
+def test_bad_shapes_raise_config_error(call):
+    with pytest.raises(ConfigError):
+        call()
