@@ -212,16 +212,21 @@ def _scratch(role, shape, dtype):
     return buf[:size].reshape(shape)
 
 
-def _as(a, dtype, what):
+def _as(a, dtype):
     """C-contiguous array of `dtype` (no copy when it already is)."""
-    a = np.ascontiguousarray(a, dtype=dtype)
-    return a
+    return np.ascontiguousarray(a, dtype=dtype)
 
 
-def _check_float(x, what):
+def _check_input(x, what):
+    """x must be a float32/float64 N,C,H,W array; returns it C-contiguous."""
+    x = np.ascontiguousarray(x)
     if x.dtype not in (np.float32, np.float64):
         raise ConfigError(f"numba backend: {what} has dtype {x.dtype}, but the kernels work on float32 or "
                           f"float64 arrays. Convert the input with .astype(np.float32) before calling.")
+    if x.ndim != 4:
+        raise ConfigError(f"numba backend: {what} has shape {x.shape}, but an N,C,H,W array is expected. "
+                          f"Put conv and pool layers before Flatten, on image-shaped inputs.")
+    return x
 
 
 def _chunks(N, bytes_per_sample):
@@ -233,8 +238,12 @@ def _chunks(N, bytes_per_sample):
 
 
 def _out_size(n, k, s, p, what):
+    """Output length of a k-window sliding with stride s over n (+2p padding); remainder dropped."""
+    if k < 1 or s < 1 or p < 0:
+        raise ConfigError(f"numba backend: {what} size {k}, stride {s} and pad {p} must satisfy size >= 1, "
+                          f"stride >= 1, pad >= 0. Fix the layer's size/stride/pad in the model config.")
     o = (n + 2 * p - k) // s + 1
-    if o < 1:
+    if n + 2 * p < k:
         raise ConfigError(f"numba backend: {what} window {k} (stride {s}, pad {p}) does not fit an input of "
                           f"size {n}; make the kernel smaller, pad more, or feed a larger input.")
     return o
@@ -245,13 +254,16 @@ def _out_size(n, k, s, p, what):
 
 def conv2d_forward(x, w, b, stride=1, pad=0):
     """y = zeropad(x) ⋆ w + b (cross-correlation, like PyTorch); the cache keeps x and w, not columns."""
-    x = np.ascontiguousarray(x)
-    _check_float(x, "conv2d_forward input x")
+    x = _check_input(x, "conv2d_forward input x")       # x N,C,H,W
     dt = x.dtype
-    w = _as(w, dt, "w")                                  # w F,C,K,K
-    b = _as(b, dt, "b")                                  # b F
-    N, C, H, W = x.shape                                 # x N,C,H,W
-    F, _, K, _ = w.shape
+    w = _as(w, dt)                                       # w F,C,K,K
+    b = _as(b, dt)                                       # b F
+    N, C, H, W = x.shape
+    F, K = w.shape[0], w.shape[-1]
+    if w.shape != (F, C, K, K) or b.shape != (F,):
+        raise ConfigError(f"numba backend: conv2d_forward got x {x.shape}, w {w.shape}, b {b.shape}; w must be "
+                          f"F,C,K,K with C = {C} input channels and b must hold F values. Check the layer's "
+                          f"in_channels and kernel shape.")
     S, pad = int(stride), int(pad)
     Ho, Wo = _out_size(H, K, S, pad, "conv"), _out_size(W, K, S, pad, "conv")
     P, CKK = Ho * Wo, C * K * K
@@ -272,7 +284,7 @@ def conv2d_backward(dy, cache, need_dx=True):
     db = the sum of δ (rule 6). dx is None when need_dx is False (the first layer)."""
     x, w, S, pad = cache
     dt = x.dtype
-    dy = _as(dy, dt, "dy")                               # dy N,F,Ho,Wo
+    dy = _as(dy, dt)                               # dy N,F,Ho,Wo
     N, C, H, W = x.shape
     F, _, K, _ = w.shape
     _, _, Ho, Wo = dy.shape
@@ -305,8 +317,7 @@ def conv2d_backward(dy, cache, need_dx=True):
 
 def pool2d_forward(x, size=2, stride=2, mode="max"):
     """Max or mean over size×size windows every `stride`; a remainder that fits no window is dropped."""
-    x = np.ascontiguousarray(x)
-    _check_float(x, "pool2d_forward input x")
+    x = _check_input(x, "pool2d_forward input x")
     if mode not in ("max", "mean"):
         raise ConfigError(f"numba backend: pool mode '{mode}' is unknown; use pool mode 'max' or 'mean'.")
     N, C, H, W = x.shape                                 # x N,C,H,W
@@ -316,16 +327,16 @@ def pool2d_forward(x, size=2, stride=2, mode="max"):
     if mode == "max":
         arg = np.empty((N, C, Ho, Wo), np.int32)         # winner offset i*R+j in its window
         _maxpool_forward(x, R, S, y, arg)
-        return y, ("max", x.shape, R, S, arg)
+        return y, ("max", x.shape, x.dtype, R, S, arg)
     _meanpool_forward(x, R, S, y)
-    return y, ("mean", x.shape, R, S, None)
+    return y, ("mean", x.shape, x.dtype, R, S, None)
 
 
 def pool2d_backward(dy, cache):
     """Rule 2 (max: δ to the recorded winner) or rule 3 (mean: δ/R² to every neuron of the window)."""
-    mode, xshape, R, S, arg = cache
-    dy = np.ascontiguousarray(dy)                        # dy N,C,Ho,Wo
-    dx = np.empty(xshape, dy.dtype)                      # dx N,C,H,W (fresh; kernels zero it)
+    mode, xshape, dt, R, S, arg = cache
+    dy = _as(dy, dt)                                     # dy N,C,Ho,Wo
+    dx = np.empty(xshape, dt)                               # dx N,C,H,W (fresh; kernels zero it)
     if mode == "max":
         _maxpool_backward(dy, arg, R, S, dx)
     else:

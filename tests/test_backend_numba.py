@@ -1,0 +1,212 @@
+"""numba backend vs the numpy reference and torch autograd; determinism, fresh outputs, dtypes, caching."""
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+from cnnpipe import ConfigError  # noqa: E402
+from cnnpipe.backends import get_backend  # noqa: E402
+from cnnpipe.backends import numba_backend as B  # noqa: E402
+from cnnpipe.backends import numpy_backend as REF  # noqa: E402
+from kernel_oracle import (TOL, check_conv_against_torch, check_pool_against_torch, random_conv_cases,  # noqa: E402
+                           random_pool_cases, rel_err)
+
+CONV_CASES = [
+    (2, 3, 8, 8, 4, 3, 1, 1),    # odd K, "same" padding
+    (2, 2, 9, 7, 3, 4, 1, 0),    # even K, rectangular
+    (1, 2, 10, 11, 3, 2, 2, 0),  # even K, stride 2, remainder column dropped
+    (2, 1, 7, 7, 2, 3, 3, 2),    # stride 3 with pad: padded rows no window reaches
+    (3, 2, 5, 6, 2, 1, 2, 3),    # 1x1 kernel, big pad
+    (1, 1, 2, 3, 1, 6, 1, 2),    # kernel larger than the unpadded input
+    (3, 1, 28, 28, 6, 5, 1, 2),  # LeNet-5 conv1
+    (3, 6, 14, 14, 16, 5, 1, 0),  # LeNet-5 conv2
+    (2, 32, 14, 14, 8, 5, 1, 2),  # convnet conv2 (fewer filters)
+] + random_conv_cases(seed=11, n=20)
+
+POOL_CASES = [
+    (2, 3, 8, 8, 2, 2, "max"), (2, 3, 8, 8, 2, 2, "mean"),      # tiled
+    (2, 2, 7, 9, 2, 2, "max"), (2, 2, 7, 9, 2, 2, "mean"),      # uneven: remainder dropped, zero grad
+    (2, 2, 9, 8, 3, 2, "max"), (2, 2, 9, 8, 3, 2, "mean"),      # overlapping
+    (2, 2, 9, 10, 2, 3, "max"), (2, 2, 9, 10, 2, 3, "mean"),    # gapped
+    (1, 2, 6, 6, 1, 1, "max"), (1, 2, 5, 5, 3, 1, "mean"),      # size 1; stride 1 heavy overlap
+] + random_pool_cases(seed=12, n=20)
+
+DTYPES = [np.float32, np.float64]
+
+
+def _id(case):
+    return "-".join(map(str, case))
+
+
+def _conv_data(case, dtype, seed=0):
+    N, C, H, W, F, K, S, P = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)  # N,C,H,W
+    w = rng.standard_normal((F, C, K, K)).astype(dtype)  # F,C,K,K
+    b = rng.standard_normal(F).astype(dtype)  # F
+    Ho, Wo = (H + 2 * P - K) // S + 1, (W + 2 * P - K) // S + 1
+    dy = rng.standard_normal((N, F, Ho, Wo)).astype(dtype)  # N,F,Ho,Wo
+    return x, w, b, dy, S, P
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=_id)
+def test_conv_matches_numpy_reference(case, dtype):
+    x, w, b, dy, S, P = _conv_data(case, dtype, seed=sum(case))
+    y, cache = B.conv2d_forward(x, w, b, stride=S, pad=P)
+    y_ref, cache_ref = REF.conv2d_forward(x, w, b, stride=S, pad=P)
+    got, ref = B.conv2d_backward(dy, cache), REF.conv2d_backward(dy, cache_ref)
+    for name, g, r in zip(["y", "dx (rule 4)", "dw (rule 5)", "db (rule 6)"], (y, *got), (y_ref, *ref)):
+        assert g.dtype == dtype and g.shape == r.shape, name
+        assert rel_err(g, r) <= TOL[np.dtype(dtype)], f"{name}: {rel_err(g, r):.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", CONV_CASES[::2], ids=_id)
+def test_conv_matches_torch(case, dtype):
+    check_conv_against_torch(B, *case, dtype=dtype, seed=len(case) + sum(case))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", POOL_CASES, ids=_id)
+def test_pool_matches_numpy_reference_with_ties(case, dtype):
+    """Integer-valued inputs: many ties, so the first-max-in-row-major rule is exercised everywhere."""
+    N, C, H, W, R, S, mode = case
+    rng = np.random.default_rng(H * W + R)
+    x = rng.integers(0, 4, size=(N, C, H, W)).astype(dtype)  # N,C,H,W
+    y, cache = B.pool2d_forward(x, size=R, stride=S, mode=mode)
+    y_ref, cache_ref = REF.pool2d_forward(x, size=R, stride=S, mode=mode)
+    dy = rng.standard_normal(y_ref.shape).astype(dtype)  # N,C,Ho,Wo
+    dx, dx_ref = B.pool2d_backward(dy, cache), REF.pool2d_backward(dy, cache_ref)
+    assert y.dtype == dtype and dx.dtype == dtype and dx.shape == x.shape
+    if mode == "max":
+        np.testing.assert_array_equal(y, y_ref)  # the same winners, exactly
+    assert rel_err(y, y_ref) <= TOL[np.dtype(dtype)]
+    assert rel_err(dx, dx_ref) <= TOL[np.dtype(dtype)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", POOL_CASES[::2], ids=_id)
+def test_pool_matches_torch(case, dtype):
+    check_pool_against_torch(B, *case, dtype=dtype, seed=case[2] * case[3])
+
+
+def test_max_pool_ties_first_max_and_overlaps_accumulate():
+    x = np.zeros((1, 1, 4, 5), dtype=np.float32)  # every window is a tie
+    for size, stride in [(2, 2), (3, 1), (2, 3)]:
+        y, cache = B.pool2d_forward(x, size=size, stride=stride, mode="max")
+        dx = B.pool2d_backward(np.ones_like(y), cache)
+        expect = np.zeros_like(x)
+        for i in range(y.shape[2]):
+            for j in range(y.shape[3]):
+                expect[0, 0, i * stride, j * stride] += 1  # top-left of each window; overlaps accumulate
+        np.testing.assert_array_equal(dx, expect)
+
+
+def test_uneven_pool_remainder_gets_zero_gradient():
+    x = np.random.default_rng(0).standard_normal((2, 3, 7, 9))
+    for mode in ("max", "mean"):
+        y, cache = B.pool2d_forward(x, size=2, stride=2, mode=mode)
+        assert y.shape == (2, 3, 3, 4)
+        dx = B.pool2d_backward(np.ones_like(y), cache)
+        assert np.all(dx[:, :, 6, :] == 0) and np.all(dx[:, :, :, 8] == 0)
+        assert np.isclose(dx.sum(), y.size)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_need_dx_false_skips_rule4_only(dtype):
+    x, w, b, dy, S, P = _conv_data((3, 3, 9, 9, 4, 3, 2, 1), dtype)
+    _, cache = B.conv2d_forward(x, w, b, stride=S, pad=P)
+    dx0, dw0, db0 = B.conv2d_backward(dy, cache, need_dx=False)
+    dx1, dw1, db1 = B.conv2d_backward(dy, cache)
+    assert dx0 is None and dx1.shape == x.shape
+    np.testing.assert_array_equal(dw0, dw1)
+    np.testing.assert_array_equal(db0, db1)
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["one-chunk", "one-sample-chunks"])
+def test_deterministic_and_chunking_agrees(monkeypatch, chunk_bytes):
+    """Two calls are bit-identical; a batch split into chunks (rule 5's sum over chunks) agrees too."""
+    x, w, b, dy, S, P = _conv_data((8, 6, 14, 14, 16, 5, 1, 2), np.float32, seed=3)
+    y0, c0 = B.conv2d_forward(x, w, b, stride=S, pad=P)
+    g0 = B.conv2d_backward(dy, c0)
+    if chunk_bytes is not None:
+        monkeypatch.setattr(B, "COL_CHUNK_BYTES", chunk_bytes)
+    runs = []
+    for _ in range(2):
+        y, c = B.conv2d_forward(x, w, b, stride=S, pad=P)
+        runs.append((y, *B.conv2d_backward(dy, c)))
+    for a, r in zip(runs[0], runs[1]):
+        np.testing.assert_array_equal(a, r)
+    for a, r in zip(runs[0], (y0, *g0)):
+        assert rel_err(a, r) <= 1e-6
+    xp = np.random.default_rng(1).standard_normal((8, 16, 14, 14)).astype(np.float32)
+    for mode in ("max", "mean"):
+        p1, pc1 = B.pool2d_forward(xp, 2, 2, mode)
+        p2, pc2 = B.pool2d_forward(xp, 2, 2, mode)
+        np.testing.assert_array_equal(p1, p2)
+        np.testing.assert_array_equal(B.pool2d_backward(p1, pc1), B.pool2d_backward(p1, pc2))
+
+
+def test_outputs_are_fresh_arrays_not_reused_buffers():
+    """A later call on the same shapes (reusing work buffers) must not change what an earlier call returned."""
+    x, w, b, dy, S, P = _conv_data((4, 3, 10, 10, 5, 3, 1, 1), np.float32, seed=5)
+    y1, c1 = B.conv2d_forward(x, w, b, stride=S, pad=P)
+    g1 = B.conv2d_backward(dy, c1)
+    p1, pc1 = B.pool2d_forward(y1, 2, 2, "max")
+    q1 = B.pool2d_backward(p1, pc1)
+    keep = [a.copy() for a in (y1, *g1, p1, q1)]
+    y2, c2 = B.conv2d_forward(x * 2 + 1, w - 1, b, stride=S, pad=P)
+    g2 = B.conv2d_backward(dy * 3, c2)
+    p2, pc2 = B.pool2d_forward(y2, 2, 2, "max")
+    B.pool2d_backward(p2, pc2)
+    for a, k in zip((y1, *g1, p1, q1), keep):
+        np.testing.assert_array_equal(a, k)
+    # the first cache still gives the first gradients after the second pair of calls
+    for a, k in zip(B.conv2d_backward(dy, c1), keep[1:4]):
+        np.testing.assert_array_equal(a, k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_dtype_preserved_and_mixed_dtype_grads_follow_the_input(dtype):
+    x, w, b, dy, S, P = _conv_data((2, 3, 10, 10, 4, 3, 1, 1), dtype)
+    y, cache = B.conv2d_forward(x, w.astype(np.float64), b.astype(np.float64), stride=S, pad=P)
+    grads = B.conv2d_backward(dy.astype(np.float64), cache)
+    assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
+    for mode in ("max", "mean"):
+        p, pc = B.pool2d_forward(y, size=3, stride=2, mode=mode)
+        assert p.dtype == dtype and B.pool2d_backward(np.ones(p.shape), pc).dtype == dtype
+
+
+def test_every_kernel_is_compiled_with_cache_true():
+    from numba.core.caching import NullCache
+    from numba.core.registry import CPUDispatcher
+    kernels = [v for v in vars(B).values() if isinstance(v, CPUDispatcher)]
+    assert len(kernels) >= 9
+    for k in kernels:
+        assert not isinstance(k._cache, NullCache), f"{k.__name__} is not @njit(cache=True)"
+
+
+def test_warmup_compiles_kernels_for_that_dtype():
+    B.warmup(np.float32)
+    sigs = B._im2col.signatures + B._maxpool_backward.signatures
+    assert any(str(s[0].dtype) == "float32" for s in sigs)
+
+
+def test_registry_returns_this_module():
+    assert get_backend("numba") is B
+
+
+@pytest.mark.parametrize("call", [
+    lambda: B.conv2d_forward(np.zeros((1, 2, 5, 5)), np.zeros((3, 1, 3, 3)), np.zeros(3)),  # channel mismatch
+    lambda: B.conv2d_forward(np.zeros((1, 1, 3, 3)), np.zeros((1, 1, 5, 5)), np.zeros(1)),  # kernel too big
+    lambda: B.conv2d_forward(np.zeros((1, 1, 5, 5)), np.zeros((1, 1, 3, 3)), np.zeros(1), stride=0),
+    lambda: B.conv2d_forward(np.zeros((1, 1, 5, 5)), np.zeros((1, 1, 3, 3)), np.zeros(1), pad=-1),
+    lambda: B.conv2d_forward(np.zeros((1, 1, 5, 5), dtype=np.int64), np.zeros((1, 1, 3, 3)), np.zeros(1)),
+    lambda: B.pool2d_forward(np.zeros((1, 1, 5, 5)), size=2, stride=2, mode="median"),
+    lambda: B.pool2d_forward(np.zeros((1, 1, 3, 3)), size=4, stride=1),
+    lambda: B.pool2d_forward(np.zeros((1, 5, 5)), size=2, stride=2),
+])
+def test_bad_input_raises_config_error(call):
+    with pytest.raises(ConfigError):
+        call()
