@@ -1,0 +1,340 @@
+"""TensorBoard logging: watch the δ's flow back through every layer.
+
+    trainer.callbacks.append(TensorBoardLogger(trainer))     # events go straight into trainer.run_dir
+
+What lands in the run's event file (global step = optimizer steps completed, continued on resume):
+  scalars   train/{loss,accuracy,lr,samples_per_second}      every logger.scalar_every steps (window means)
+            grad_norm/<layer>.{W,b}  weight_norm/<layer>.{W,b}  update_ratio/<layer>  delta_norm/<layer>
+            val/{loss,accuracy} each epoch; test/{loss,accuracy} at the end; probe/loss with the images
+  images    input/probe, delta/<conv>, activation/<conv>, filters/<conv>   every logger.image_every steps
+            and at the last step, for the first logger.probe_images test images (the same ones all run long);
+            confusion/val (or confusion/test) once an epoch
+  hists     weights/<layer>.W, grads/<layer>.W, deltas/<layer>  every logger.histogram_every steps (0: off)
+  hparams   the run's settings and overrides + hparams/{test_acc,test_loss,val_acc,val_loss,train_loss},
+            written into this run's own event file (no timestamped sub-run)
+
+Colour maps are written here in numpy: signed maps (δ, filters, signed activations) use blue-white-red with
+white at exactly zero and one scale ±max|v| per image, so the sign and the relative size across channels show.
+Letters: N probe images, C channels, F filters, H,W map size, K kernel size.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from cnnpipe.layers import ACTIVATIONS, Conv2d
+from cnnpipe.losses import softmax_cross_entropy
+
+try:                                            # the trainer's Callback base (duck typing works without it)
+    from cnnpipe.train import Callback
+except ImportError:  # pragma: no cover
+    Callback = object
+
+# Settings that are always in the HPARAMS table (so every run of every sweep has the same columns);
+# the run's own Hydra overrides are added on top.
+HPARAM_KEYS = ("model.name", "model.activation", "conv.k", "conv.stride", "conv.padding", "pool.mode", "pool.size",
+               "optim.name", "optim.lr", "optim.momentum", "optim.weight_decay", "optim.schedule",
+               "trainer.batch_size", "trainer.epochs", "trainer.seed", "backend.name", "data.name", "dtype")
+
+BLUE, RED, WHITE = np.array([33, 102, 172.]), np.array([178, 24, 43.]), np.array([255, 255, 255.])
+GAP = np.array([96, 96, 96], np.uint8)           # separator between tiles
+TILE_PX = 84                                     # small maps are magnified (nearest neighbour) to about this size
+
+
+# -- colour maps and grids (pure numpy) -------------------------------------------------------------------------
+def diverging(v, scale):
+    """Blue (−scale) – white (0) – red (+scale): ... float array → ...,3 uint8."""
+    t = np.clip(np.asarray(v, np.float64) / (scale if scale > 0 else 1.0), -1.0, 1.0)[..., None]
+    rgb = WHITE + np.abs(t) * (np.where(t < 0, BLUE, RED) - WHITE)
+    return (rgb + 0.5).astype(np.uint8)
+
+
+def sequential(v, scale):
+    """Black (0) – white (scale) for non-negative maps (post-ReLU activations): ... → ...,3 uint8."""
+    g = np.clip(np.asarray(v, np.float64) / (scale if scale > 0 else 1.0), 0.0, 1.0)
+    return np.repeat((g * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def colorize(v):
+    """Diverging around zero if the maps have a sign, else sequential; one scale for the whole image."""
+    v = np.asarray(v)
+    scale = float(np.abs(v).max()) if v.size else 0.0
+    return diverging(v, scale) if v.size and v.min() < 0 else sequential(v, scale)
+
+
+def grid(tiles, cols=None, gap=2, px=TILE_PX):
+    """Tiles R,Cc,h,w,3 (or M,h,w,3, laid out ~square) uint8 → one image with grey separators, magnified."""
+    if tiles.ndim == 4:
+        M = tiles.shape[0]
+        cols = cols or math.ceil(math.sqrt(M))
+        rows = math.ceil(M / cols)
+        pad = np.zeros((rows * cols - M,) + tiles.shape[1:], np.uint8) + GAP
+        tiles = np.concatenate([tiles, pad]).reshape((rows, cols) + tiles.shape[1:])
+    R, Cc, h, w, _ = tiles.shape
+    z = max(1, px // max(h, w))                                         # magnification
+    tiles = tiles.repeat(z, axis=2).repeat(z, axis=3)                        # R,Cc,h·z,w·z,3
+    h, w = h * z, w * z
+    out = np.empty((R * (h + gap) + gap, Cc * (w + gap) + gap, 3), np.uint8)
+    out[...] = GAP
+    for r in range(R):
+        for c in range(Cc):
+            y0, x0 = gap + r * (h + gap), gap + c * (w + gap)
+            out[y0:y0 + h, x0:x0 + w] = tiles[r, c]
+    return out
+
+
+def confusion_matrix(y, preds, n):
+    """n×n counts: row = true class, column = predicted class."""
+    return np.bincount(np.asarray(y, np.int64) * n + np.asarray(preds, np.int64), minlength=n * n).reshape(n, n)
+
+
+def confusion_image(cm, classes, cell=30):
+    """The confusion matrix as an RGB image: rows true, columns predicted, shade = row fraction, counts written."""
+    from PIL import Image, ImageDraw, ImageFont
+    n = cm.shape[0]
+    frac = cm / np.maximum(cm.sum(1, keepdims=True), 1)                    # n,n row-normalised
+    font = ImageFont.load_default()
+    names = [f"{i} {str(c)[:12]}" for i, c in enumerate(classes)]
+    left = 8 + max(int(font.getlength(s)) for s in names)
+    top, bottom = 20, 18
+    img = Image.new("RGB", (left + n * cell + 4, top + n * cell + bottom), "white")
+    d = ImageDraw.Draw(img)
+    shade = (WHITE + frac[..., None] * (BLUE - WHITE) + 0.5).astype(np.uint8)  # n,n,3
+    for i in range(n):
+        d.text((2, top + i * cell + cell // 2 - 6), names[i], fill="black", font=font)
+        d.text((left + i * cell + cell // 2 - 3, 4), str(i), fill="black", font=font)
+        for j in range(n):
+            x0, y0 = left + j * cell, top + i * cell
+            d.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=tuple(int(c) for c in shade[i, j]),
+                        outline=(200, 200, 200))
+            if cm[i, j]:
+                s = str(int(cm[i, j]))
+                d.text((x0 + (cell - font.getlength(s)) / 2, y0 + cell // 2 - 6), s,
+                       fill="white" if frac[i, j] > 0.5 else "black", font=font)
+    d.text((left, top + n * cell + 3), "rows: true class, columns: predicted", fill="black", font=font)
+    return np.asarray(img)                                                   # H,W,3 uint8
+
+
+# -- the callback -------------------------------------------------------------------------------------------------
+def _norm(a):
+    a = np.asarray(a).ravel()
+    return float(math.sqrt(float(np.dot(a, a))))
+
+
+def _hp_value(v):
+    if isinstance(v, (bool, np.bool_)) or v is None:
+        return str(v).lower() if v is not None else "null"
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        return v.item() if isinstance(v, np.generic) else v
+    return str(v)
+
+
+def run_hparams(cfg) -> dict:
+    """The HPARAMS row of a run: HPARAM_KEYS from cfg, plus every Hydra override of this job (if Hydra runs it)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    hp = {k: _hp_value(OmegaConf.select(cfg, k, default=None)) for k in HPARAM_KEYS}
+    hp["conv.padding"] = str(hp["conv.padding"])                # same | valid | int: one type per column
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    except Exception:  # noqa: BLE001 - no Hydra job: just the keys above
+        overrides = []
+    for ov in overrides:
+        key, _, raw = ov.lstrip("+~").partition("=")
+        if key == "resume":                                     # a resumed run stays one row of its sweep
+            continue
+        try:
+            v = OmegaConf.select(cfg, key, default=None)
+        except Exception:  # noqa: BLE001 - an override that is not a plain config path
+            v = None
+        hp[key] = str(hp[key]) if key == "conv.padding" else \
+            (raw if v is None or isinstance(v, (DictConfig, ListConfig)) else _hp_value(v))
+    return hp
+
+
+class TensorBoardLogger(Callback):
+    """Scalars, δ-map/activation/filter images of a fixed probe, confusion matrix, histograms and hparams."""
+
+    def __init__(self, tr):
+        self.tr, self.cfg = tr, tr.cfg.logger
+        self.writer, self.closed = None, False
+        self.snapshot = None                      # parameters before the optimizer step (update ratio)
+        self.pending = {}                         # scalars computed in on_after_backward, written in on_step_end
+        self.window = [0.0, 0.0, 0]               # loss·n, correct·n, n since the last train/ scalars
+        self.mark = None                          # (seen, seconds) of the trainer's epoch counters, last step
+        self.rate = [0, 0.0]                      # samples, seconds since the last train/ scalars
+        self.last_image_step = None
+        split = tr.data.test
+        k = max(0, min(int(self.cfg.probe_images), len(split.y)))
+        self.probe_u8, self.probe_y = split.x[:k], split.y[:k]           # uint8 N,C,H,W; N
+        self.metric_tags = ["hparams/test_acc", "hparams/test_loss", "hparams/train_loss"]
+        if tr.data.val is not None:
+            self.metric_tags += ["hparams/val_acc", "hparams/val_loss"]
+
+    # -- writer ------------------------------------------------------------------------------------------------
+    @property
+    def w(self):
+        """The SummaryWriter, made on first use: a resumed run's step is known by then, and events at or after
+        it from the interrupted attempt are purged (TensorBoard hides them)."""
+        if self.writer is None and not self.closed:
+            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard.summary import hparams
+            self.writer = SummaryWriter(log_dir=str(self.tr.run_dir), purge_step=self.tr.step or None)
+            exp, ssi, self.sei = hparams(run_hparams(self.tr.cfg), {t: 0.0 for t in self.metric_tags})
+            self.writer.file_writer.add_summary(exp, self.tr.step)
+            self.writer.file_writer.add_summary(ssi, self.tr.step)
+        return self.writer
+
+    def flush(self):
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+        self.writer, self.closed = None, True
+
+    # -- hooks ---------------------------------------------------------------------------------------------------
+    def on_train_start(self, tr):
+        self.mark = (tr.epoch_sums[2], tr.epoch_sums[3])
+
+    def on_after_backward(self, tr, lr):
+        step = tr.step + 1                                           # the step this backward belongs to
+        if self.cfg.scalar_every and step % self.cfg.scalar_every == 0:
+            p = self.pending
+            for layer in tr.model.layers:
+                for k, g in layer.grads.items():
+                    p[f"grad_norm/{layer.name}.{k}"] = _norm(g)
+                if layer.has_delta_map and layer.delta is not None:
+                    p[f"delta_norm/{layer.name}"] = _norm(layer.delta)
+            self.snapshot = {l.name: {k: v.copy() for k, v in l.params.items()} for l in tr.model.layers if l.params}
+        if self.cfg.histogram_every and step % self.cfg.histogram_every == 0:
+            for layer in tr.model.layers:
+                for k in layer.params:
+                    self.w.add_histogram(f"weights/{layer.name}.{k}", layer.params[k], step)
+                    self.w.add_histogram(f"grads/{layer.name}.{k}", layer.grads[k], step)
+                if layer.has_delta_map and layer.delta is not None:
+                    self.w.add_histogram(f"deltas/{layer.name}", layer.delta, step)
+
+    def on_step_end(self, tr, loss, acc, lr):
+        seen, secs = tr.epoch_sums[2], tr.epoch_sums[3]
+        prev_seen, prev_secs = self.mark if self.mark else (0, 0.0)
+        if seen <= prev_seen:                                        # a new epoch restarted the counters
+            prev_seen, prev_secs = 0, 0.0
+        n = seen - prev_seen
+        self.mark = (seen, secs)
+        self.rate[0] += n
+        self.rate[1] += secs - prev_secs
+        self.window[0] += loss * n
+        self.window[1] += acc * n
+        self.window[2] += n
+        step = tr.step
+        if self.cfg.scalar_every and step % self.cfg.scalar_every == 0:
+            self._train_scalars(tr, lr, step)
+        if self.cfg.image_every and step % self.cfg.image_every == 0:
+            self._images(tr, step)
+
+    def _train_scalars(self, tr, lr, step):
+        w, (ls, cs, n) = self.w, self.window
+        if n:
+            w.add_scalar("train/loss", ls / n, step)
+            w.add_scalar("train/accuracy", cs / n, step)
+        w.add_scalar("train/lr", lr, step)
+        if self.rate[1] > 0:
+            w.add_scalar("train/samples_per_second", self.rate[0] / self.rate[1], step)
+        if self.snapshot is not None:
+            for layer in tr.model.layers:
+                if layer.name not in self.snapshot:
+                    continue
+                old = self.snapshot[layer.name]
+                num = sum(_norm(layer.params[k] - old[k]) ** 2 for k in old)     # ‖Δθ‖² across the step
+                den = sum(_norm(old[k]) ** 2 for k in old)
+                if den > 0:
+                    w.add_scalar(f"update_ratio/{layer.name}", math.sqrt(num / den), step)
+                for k, v in layer.params.items():
+                    w.add_scalar(f"weight_norm/{layer.name}.{k}", _norm(v), step)
+        for tag, v in self.pending.items():
+            w.add_scalar(tag, v, step)
+        self.pending, self.snapshot = {}, None
+        self.window, self.rate = [0.0, 0.0, 0], [0, 0.0]
+
+    def on_epoch_end(self, tr, metrics):
+        w = self.w
+        if metrics.get("val_loss") is not None:
+            w.add_scalar("val/loss", metrics["val_loss"], tr.step)
+            w.add_scalar("val/accuracy", metrics["val_acc"], tr.step)
+        if self.cfg.confusion_every_epoch:
+            name, split = ("val", tr.data.val) if tr.data.val is not None and len(tr.data.val.y) else \
+                ("test", tr.data.test)
+            if len(split.y):
+                _, _, preds = tr.evaluate(split)
+                cm = confusion_matrix(split.y, preds, len(tr.data.classes))
+                w.add_image(f"confusion/{name}", confusion_image(cm, tr.data.classes), tr.step, dataformats="HWC")
+        w.flush()
+
+    def on_train_end(self, tr, metrics):
+        if self.closed:
+            return
+        w = self.w
+        if self.last_image_step != tr.step and len(self.probe_y):
+            self._images(tr, tr.step)                                # every run shows its final state
+        w.add_scalar("test/loss", metrics["test_loss"], tr.step)
+        w.add_scalar("test/accuracy", metrics["test_acc"], tr.step)
+        for tag in self.metric_tags:
+            v = metrics.get(tag.split("/", 1)[1])
+            if v is not None and math.isfinite(v):
+                w.add_scalar(tag, float(v), tr.step)
+        w.file_writer.add_summary(self.sei, tr.step)
+        self.close()
+
+    def on_interrupt(self, tr):
+        self.close()
+
+    # -- the probe -------------------------------------------------------------------------------------------------
+    def probe(self, tr):
+        """Forward + backward of the probe images in eval mode, with their true labels. Returns (loss, x, outputs,
+        deltas). Runs after the optimizer step: the next training forward rebuilds every cache; each layer's
+        `.delta` and gradient arrays are put back so nothing the trainer or other callbacks see changes."""
+        d = tr.data
+        C = self.probe_u8.shape[1]
+        x = (self.probe_u8 / 255.0 - np.asarray(d.mean).reshape(1, C, 1, 1)) / np.asarray(d.std).reshape(1, C, 1, 1)
+        x = np.ascontiguousarray(x, dtype=tr.dtype)                              # N,C,H,W
+        kept = [(layer.delta, dict(layer.grads)) for layer in tr.model.layers]
+        outs, h = [], x
+        for layer in tr.model.layers:
+            h = layer.forward(h, False)
+            outs.append(h)
+        loss, delta = softmax_cross_entropy(h, self.probe_y)
+        tr.model.backward(delta)
+        deltas = [layer.delta for layer in tr.model.layers]
+        for layer, (dl, grads) in zip(tr.model.layers, kept):
+            layer.delta = dl
+            layer.grads.clear()
+            layer.grads.update(grads)
+        return loss, x, outs, deltas
+
+    def _images(self, tr, step):
+        if not len(self.probe_y):
+            return
+        self.last_image_step = step
+        w = self.w
+        loss, x, outs, deltas = self.probe(tr)
+        w.add_scalar("probe/loss", loss, step)
+        u8 = self.probe_u8.transpose(0, 2, 3, 1)                                     # N,H,W,C
+        u8 = np.repeat(u8, 3, axis=3) if u8.shape[3] == 1 else u8[..., :3]
+        w.add_images("input/probe", np.stack([grid(im[None, None]) for im in u8]), step, dataformats="NHWC")
+        layers = tr.model.layers
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Conv2d):
+                continue
+            act_i = i + 1 if i + 1 < len(layers) and layers[i + 1].kind in ACTIVATIONS else i
+            if deltas[i] is not None:                                             # N,F,Ho,Wo
+                w.add_images(f"delta/{layer.name}", np.stack([grid(colorize(dm)) for dm in deltas[i]]), step,
+                             dataformats="NHWC")
+            w.add_images(f"activation/{layer.name}", np.stack([grid(colorize(am)) for am in outs[act_i]]), step,
+                         dataformats="NHWC")
+            W = layer.params["W"][:64, :32]                                        # F,C,K,K (at most 64×32 tiles)
+            tiles = diverging(W, float(np.abs(W).max()))                           # F,C,K,K,3
+            img = grid(tiles[:, 0], px=48) if W.shape[1] == 1 else grid(tiles, px=40)   # one channel: square grid
+            w.add_image(f"filters/{layer.name}", img, step, dataformats="HWC")

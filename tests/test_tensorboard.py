@@ -1,0 +1,214 @@
+"""TensorBoard logging, read back by TensorBoard itself: its EventAccumulator, and a real `tensorboard` server."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnpipe.tb import TensorBoardLogger, diverging, grid
+from cnnpipe.train import Trainer
+from conftest import REPO, tiny_overrides
+
+LAYERS = ("conv1", "conv2", "dense1", "dense2", "dense3")          # LeNet-5's parameterized layers
+TB_OVERRIDES = {"data.val_size": "64", "data.limit_train": "192", "data.limit_test": "64", "trainer.epochs": "2",
+                "checkpoint.enabled": "false", "logger.scalar_every": "2", "logger.image_every": "4",
+                "logger.histogram_every": "4", "logger.probe_images": "2"}
+
+
+def accumulate(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
+    ea.Reload()
+    return ea
+
+
+def fit_with_logger(cfg, run_dir, step0=0):
+    tr = Trainer(cfg, run_dir)
+    tr.step = step0                                       # as a resumed run would start
+    tr.callbacks.append(TensorBoardLogger(tr))
+    return tr, tr.fit()
+
+
+@pytest.fixture(scope="module")
+def tb_run(tmp_path_factory, fashion_root):
+    """One real tiny LeNet-5 run (2 epochs × 6 steps) with the logger; returns (run_dir, trainer, metrics, ea)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from cnnpipe.config import register_configs
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=tiny_overrides(fashion_root, **TB_OVERRIDES))
+    GlobalHydra.instance().clear()
+    run_dir = tmp_path_factory.mktemp("tbrun")
+    tr, metrics = fit_with_logger(cfg, run_dir)
+    return run_dir, tr, metrics, accumulate(run_dir)
+
+
+def test_one_event_file_in_the_run_dir_with_every_scalar(tb_run):
+    run_dir, tr, metrics, ea = tb_run
+    assert [p.parent for p in run_dir.rglob("events.out.tfevents.*")] == [run_dir]   # no sub-run (hparams)
+    tags = set(ea.Tags()["scalars"])
+    expected = {f"{split}/{m}" for split in ("train", "val", "test") for m in ("loss", "accuracy")}
+    expected |= {"train/lr", "train/samples_per_second", "probe/loss"}
+    for name in LAYERS:
+        expected |= {f"grad_norm/{name}.W", f"grad_norm/{name}.b", f"weight_norm/{name}.W",
+                     f"update_ratio/{name}", f"delta_norm/{name}"}
+    assert expected <= tags, sorted(expected - tags)
+    for tag in tags:
+        values = [e.value for e in ea.Scalars(tag)]
+        assert values and all(math.isfinite(v) for v in values), tag
+    assert [e.step for e in ea.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
+    assert [e.step for e in ea.Scalars("val/accuracy")] == [6, 12]
+    assert ea.Scalars("test/accuracy")[-1].value == pytest.approx(metrics["test_acc"])
+    assert all(e.value > 0 for tag in tags if tag.startswith(("grad_norm/", "delta_norm/", "update_ratio/"))
+               for e in ea.Scalars(tag))
+    assert ea.Scalars("train/lr")[0].value == pytest.approx(tr.cfg.optim.lr)
+
+
+def test_images_decode_and_delta_maps_are_not_blank(tb_run):
+    _, tr, _, ea = tb_run
+    tags = set(ea.Tags()["images"])
+    expected = {"input/probe", "confusion/val"} | {f"{k}/{c}" for k in ("delta", "activation", "filters")
+                                                   for c in ("conv1", "conv2")}
+    assert expected <= tags, sorted(expected - tags)
+    assert [e.step for e in ea.Images("delta/conv1")] == [4, 8, 12]
+    assert [e.step for e in ea.Images("confusion/val")] == [6, 12]
+    for tag in tags:
+        for ev in ea.Images(tag):
+            assert ev.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n", tag
+            im = np.asarray(Image.open(io.BytesIO(ev.encoded_image_string)).convert("RGB"))
+            assert im.shape[:2] == (ev.height, ev.width) and im.std() > 0, tag
+    for layer in ("conv1", "conv2"):
+        events = ea.Images(f"delta/{layer}")
+        for ev in events:                                                  # both probe images in one grid
+            im = np.asarray(Image.open(io.BytesIO(ev.encoded_image_string)).convert("RGB")).astype(int)
+            coloured = (im.max(2) - im.min(2)) > 40                       # red or blue: a signed δ
+            assert coloured.mean() > 0.005, f"{layer} δ-map is blank at step {ev.step}"
+            assert (im[..., 0] > im[..., 2] + 40).any() and (im[..., 2] > im[..., 0] + 40).any(), \
+                f"{layer} δ-map shows only one sign"
+
+
+def test_histograms_and_hparams_decode(tb_run):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    _, tr, metrics, ea = tb_run
+    hists = set(ea.Tags()["histograms"])
+    for name in LAYERS:
+        assert {f"weights/{name}.W", f"grads/{name}.W", f"deltas/{name}"} <= hists
+        assert [e.step for e in ea.Histograms(f"grads/{name}.W")] == [4, 8, 12]
+    content = ea.PluginTagToContent("hparams")
+    assert set(content) == {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"}
+    exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    end = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_end_info"]).session_end_info
+    hp = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+    assert hp["model.name"] == "lenet5" and hp["pool.mode"] == "max" and hp["conv.k"] == 5
+    assert hp["optim.lr"] == pytest.approx(tr.cfg.optim.lr) and hp["backend.name"] == "numpy"
+    assert {i.name for i in exp.hparam_infos} == set(hp)
+    metric_tags = {m.name.tag for m in exp.metric_infos}
+    assert metric_tags == {"hparams/test_acc", "hparams/test_loss", "hparams/train_loss", "hparams/val_acc",
+                           "hparams/val_loss"}
+    for tag in metric_tags:                                    # the values the HPARAMS table shows
+        assert ea.Scalars(tag)[-1].value == pytest.approx(metrics[tag.split("/")[1]])
+    assert end.status == 1                                     # STATUS_SUCCESS
+
+
+def test_probe_does_not_change_training(compose_cfg, fashion_root, tmp_path):
+    """Images every step, histograms and scalars every step: bit-identical parameters to a run without logging."""
+    ov = tiny_overrides(fashion_root, **{**TB_OVERRIDES, "trainer.epochs": "1", "logger.scalar_every": "1",
+                                          "logger.image_every": "1", "logger.histogram_every": "1",
+                                          "model.layers.7.type": "dropout", "model.layers.7.p": "0.3"})
+    params = []
+    for with_tb in (False, True):
+        tr = Trainer(compose_cfg(ov), tmp_path / str(with_tb))
+        if with_tb:
+            tr.callbacks.append(TensorBoardLogger(tr))
+        m = tr.fit()
+        params.append(({k: v.copy() for k, v in tr.model.named_params().items()}, m["history"]["train_loss"]))
+    assert params[0][1] == params[1][1]
+    for k in params[0][0]:
+        np.testing.assert_array_equal(params[0][0][k], params[1][0][k])
+    assert len(accumulate(tmp_path / "True").Images("delta/conv2")) == 6
+
+
+def test_resumed_steps_continue_and_update_ratio_is_the_parameter_change(compose_cfg, fashion_root, tmp_path):
+    """Steps continue from tr.step. Plain SGD: Δθ = -lr·g, so the logged ‖Δθ‖/‖θ_before‖ must agree with the logged
+    gradient norm and (post-step) weight norm: ‖θ_before‖ lies within ‖θ_after‖ ± lr·‖g‖."""
+    ov = tiny_overrides(fashion_root, **{**TB_OVERRIDES, "trainer.epochs": "1", "logger.histogram_every": "0",
+                                         "optim.momentum": "0", "optim.lr": "0.05"})
+    fit_with_logger(compose_cfg(ov), tmp_path, step0=1000)
+    ea = accumulate(tmp_path)
+    assert [e.step for e in ea.Scalars("train/loss")] == [1002, 1004, 1006]
+    assert [e.step for e in ea.Images("delta/conv1")] == [1004, 1006]    # every image_every, and the last step
+    assert not ea.Tags()["histograms"]
+    last = lambda tag: [e.value for e in ea.Scalars(tag)]
+    for name in LAYERS:
+        g = np.hypot(last(f"grad_norm/{name}.W"), last(f"grad_norm/{name}.b"))
+        w_after = np.hypot(last(f"weight_norm/{name}.W"), last(f"weight_norm/{name}.b"))
+        step = 0.05 * g                                                   # ‖Δθ‖ exactly
+        ratio = np.array(last(f"update_ratio/{name}"))
+        assert np.all(ratio >= step / (w_after + step) * (1 - 1e-4)), name
+        assert np.all(ratio <= step / (w_after - step) * (1 + 1e-4)), name
+        assert np.all(ratio > 0)
+
+
+def test_diverging_colour_map_is_symmetric_around_zero():
+    rgb = diverging(np.array([-2.0, -1.0, 0.0, 1.0, 2.0]), 2.0)
+    assert rgb[2].tolist() == [255, 255, 255]                             # zero is white
+    assert rgb[0, 2] > rgb[0, 0] and rgb[4, 0] > rgb[4, 2]                # negative blue, positive red
+    assert (255 - rgb[1]).sum() == pytest.approx((255 - rgb[3]).sum(), abs=90) and (rgb[1] != rgb[3]).any()
+    g = grid(np.zeros((5, 3, 3, 3), np.uint8), px=3)                     # 5 tiles → 3×2 grid with 2-px gaps
+    assert g.shape == (2 * 5 + 2, 3 * 5 + 2, 3)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url, timeout=5):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def test_a_real_tensorboard_server_serves_the_run(tb_run):
+    run_dir, *_ = tb_run
+    logdir = run_dir.parent
+    exe = Path(sys.executable).with_name("tensorboard")
+    port = _free_port()
+    proc = subprocess.Popen([str(exe), "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port),
+                             "--reload_interval", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base, run = f"http://127.0.0.1:{port}", run_dir.name
+    try:
+        deadline, scalars = time.time() + 60, {}
+        while time.time() < deadline and run not in scalars:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            try:
+                scalars = _get(f"{base}/data/plugin/scalars/tags")
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert run in scalars, f"tensorboard did not serve {run}: {scalars}"
+        assert {"train/loss", "grad_norm/conv1.W", "delta_norm/conv2", "val/accuracy"} <= set(scalars[run])
+        images = _get(f"{base}/data/plugin/images/tags")
+        assert {"delta/conv1", "delta/conv2", "filters/conv1", "confusion/val"} <= set(images[run])
+        points = _get(f"{base}/data/plugin/scalars/scalars?run={run}&tag=train/loss")
+        assert [p[1] for p in points] == [2, 4, 6, 8, 10, 12]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
