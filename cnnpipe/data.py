@@ -303,7 +303,8 @@ def _offline_copies(name, cls, root, mirror, looked):
         subs = ["", cls.__name__, name, name.replace("_", "-"), os.path.join(cls.__name__, "raw")]
         if hasattr(cls, "base_folder"):
             subs.append(cls.base_folder)
-        found = [os.path.join(mirror, s) for s in dict.fromkeys(subs) if os.path.isdir(os.path.join(mirror, s))]
+        found = [os.path.normpath(os.path.join(mirror, s)) for s in dict.fromkeys(subs)
+                 if os.path.isdir(os.path.join(mirror, s))]
         candidates += [("mirror", d) for d in found] or [("note", f"mirror {mirror} (data.mirror): no such folder")]
     else:
         candidates.append(("note", "data.mirror: not set"))
@@ -382,18 +383,18 @@ def _md5_problem(path, expected):
     if got == expected:
         return None
     owner = _known_md5s().get(got)
-    why = f"it is {owner}'s file" if owner else "corrupt, truncated or a different version: fetch it again"
+    why = f"it is {owner}" if owner else "corrupt, truncated or a different version: fetch it again"
     return f"{os.path.basename(path)} has md5 {got}, not torchvision's {expected} ({why})"
 
 
 def _known_md5s():
-    """md5 → 'Dataset file' for every archive of every dataset here: names a file put in the wrong folder."""
+    """md5 → "Dataset's file" for every archive of every dataset here: names a file put in the wrong folder."""
     import torchvision.datasets as tvd
     known = {}
     for cname in DATASETS.values():
         c = getattr(tvd, cname)
         for f, md5 in ([(c.filename, c.tgz_md5)] if hasattr(c, "tgz_md5") else c.resources):
-            known[md5] = f"{cname} {f}"
+            known[md5] = f"{cname}'s {f}"
     return known
 
 

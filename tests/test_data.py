@@ -1,0 +1,494 @@
+"""cnnpipe.data: torchvision loaders on small files in the real on-disk formats, and the batch iterator.
+
+The MNIST family is written as IDX files (gzipped archives in mirrors, extracted ones in root/<Class>/raw);
+CIFAR as pickled batches. Where torchvision checks md5 sums, only the expected sums are replaced by those of
+the test's own files; torchvision's real checking, extraction and reading code runs.
+"""
+import functools
+import gzip
+import http.server
+import io
+import logging
+import os
+import pickle
+import struct
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+import torchvision.datasets as tvd
+from torchvision.datasets.utils import calculate_md5
+
+from cnnpipe import ConfigError
+from cnnpipe import data as D
+
+IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+MNIST_FAMILY = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing the real formats
+
+
+def idx_bytes(a: np.ndarray) -> bytes:
+    """IDX: two zero bytes, type 0x08 (uint8), ndim, big-endian uint32 dims, then the bytes."""
+    return bytes([0, 0, 0x08, a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape) + a.astype(np.uint8).tobytes()
+
+
+def images(n, c, h, w, seed, ids=True):
+    """Real-ish uint8 images: smooth blobs plus noise, a different brightness per channel; the sample index is
+    written into the first two pixels so a test can tell which sample went where."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    cy, cx = rng.uniform(4, h - 4, (2, n, 1, 1, 1))
+    blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 30.0)                  # n,1,H,W
+    x = 200 * blob * np.linspace(0.6, 1.0, c)[None, :, None, None] + rng.normal(20, 15, (n, c, h, w))
+    x = np.clip(x, 0, 255).astype(np.uint8)                                   # n,C,H,W
+    if ids:
+        x[:, 0, 0, 0], x[:, 0, 0, 1] = np.arange(n) % 256, np.arange(n) // 256
+    return x
+
+
+def sample_ids(x):
+    return x[:, 0, 0, 0].astype(np.int64) + 256 * x[:, 0, 0, 1].astype(np.int64)
+
+
+def write_mnist_family(folder, n_train=300, n_test=100, gz=True, seed=0):
+    """The four MNIST-family files in folder (gzipped archives, or extracted as torchvision keeps them)."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = {"train-images-idx3-ubyte": images(n_train, 1, 28, 28, seed)[:, 0],
+              "train-labels-idx1-ubyte": rng.integers(0, 10, n_train).astype(np.uint8),
+              "t10k-images-idx3-ubyte": images(n_test, 1, 28, 28, seed + 1)[:, 0],
+              "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test).astype(np.uint8)}
+    md5s = {}
+    for name, a in arrays.items():
+        path = os.path.join(folder, name + (".gz" if gz else ""))
+        with (gzip.open(path, "wb") if gz else open(path, "wb")) as fh:
+            fh.write(idx_bytes(a))
+        md5s[os.path.basename(path)] = calculate_md5(path)
+    return arrays, md5s
+
+
+def patch_resources(monkeypatch, cls, md5s):
+    """Replace only the expected md5 sums in the class's resource list by those of the test's archives."""
+    monkeypatch.setattr(cls, "resources", [(f, md5s[f]) for f, _ in cls.resources])
+
+
+def write_cifar(folder, cls, per_batch=40, n_test=50, seed=0):
+    """cifar-10-batches-py / cifar-100-python: pickled dicts with 'data' (n, 3072) rows R..G..B and labels."""
+    base = os.path.join(folder, cls.base_folder)
+    os.makedirs(base, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    hundred = cls is tvd.CIFAR100
+    k = 100 if hundred else 10
+    label_key = "fine_labels" if hundred else "labels"
+    xs, ys = [], []
+    files = [f for f, _ in cls.train_list] + [f for f, _ in cls.test_list]
+    for i, f in enumerate(files):
+        n = (per_batch * (5 if hundred else 1)) if f != files[-1] else n_test
+        x = images(n, 3, 32, 32, seed + i, ids=False)
+        y = rng.integers(0, k, n).tolist()
+        entry = {"data": x.reshape(n, 3072), label_key: y, "filenames": [f"img{j}.png" for j in range(n)]}
+        if hundred:
+            entry["coarse_labels"] = [v // 5 for v in y]
+        with open(os.path.join(base, f), "wb") as fh:
+            pickle.dump(entry, fh)
+        xs.append(x), ys.append(np.array(y))
+    names = [f"class{j}" for j in range(k)]
+    meta = {cls.meta["key"]: names} if not hundred else {"fine_label_names": names, "coarse_label_names": []}
+    with open(os.path.join(base, cls.meta["filename"]), "wb") as fh:
+        pickle.dump(meta, fh)
+    train = (np.concatenate(xs[:-1]), np.concatenate(ys[:-1]))
+    return train, (xs[-1], ys[-1]), names
+
+
+def patch_cifar_md5s(monkeypatch, cls, folder, tgz=None):
+    """Replace only the expected md5 sums (batches, meta, and the tarball's) by those of the test's files."""
+    base = os.path.join(folder, cls.base_folder)
+    md5 = lambda f: calculate_md5(os.path.join(base, f))  # noqa: E731
+    monkeypatch.setattr(cls, "train_list", [[f, md5(f)] for f, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[f, md5(f)] for f, _ in cls.test_list])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(cls.meta["filename"])})
+    if tgz:
+        monkeypatch.setattr(cls, "tgz_md5", calculate_md5(tgz))
+
+
+def tar_cifar(src_folder, cls, dest_folder):
+    os.makedirs(dest_folder, exist_ok=True)
+    path = os.path.join(dest_folder, cls.filename)
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(os.path.join(src_folder, cls.base_folder), arcname=cls.base_folder)
+    return path
+
+
+def cfg(name, root, **kw):
+    return {"name": name, "root": str(root), "download": False, "mirror": None, "val_size": 50,
+            "limit_train": None, "limit_test": None, "augment": False, "crop_padding": 4, **kw}
+
+
+@pytest.fixture(autouse=True)
+def no_debian(monkeypatch):
+    """Tests see no Debian package unless they install a fake one (the real-package test restores it)."""
+    monkeypatch.setattr(D, "DEBIAN_DIRS", {"fashion_mnist": "/nonexistent/datasets/fashion-mnist"})
+
+
+def leftovers(root):
+    return [f for f in os.listdir(root) if f.startswith(".cnnpipe-staging")] if os.path.isdir(root) else []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def test_unknown_name_is_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="data.name='svhn'.*mnist, fashion_mnist, kmnist, cifar10, cifar100"):
+        D.load_data(cfg("svhn", tmp_path), 0)
+
+
+@pytest.mark.parametrize("name", list(MNIST_FAMILY))
+def test_mnist_family_from_root(tmp_path, name):
+    """Extracted IDX files where torchvision keeps them: root/<Class>/raw/."""
+    cls_name = MNIST_FAMILY[name]
+    arrays, _ = write_mnist_family(tmp_path / cls_name / "raw", gz=False)
+    b = D.load_data(cfg(name, tmp_path, val_size=0), 0)
+    assert b.name == name and b.source == str(tmp_path / cls_name / "raw")
+    assert b.train.x.shape == (300, 1, 28, 28) and b.test.x.shape == (100, 1, 28, 28) and b.val is None
+    assert b.train.x.dtype == np.uint8 and b.train.y.dtype == np.int64 and b.train.x.flags.c_contiguous
+    np.testing.assert_array_equal(b.train.x[:, 0], arrays["train-images-idx3-ubyte"])
+    np.testing.assert_array_equal(b.test.y, arrays["t10k-labels-idx1-ubyte"])
+    assert b.classes == list(getattr(tvd, cls_name).classes) and b.num_classes == 10 and b.in_shape == (1, 28, 28)
+    x = b.train.x / 255.0
+    np.testing.assert_allclose(b.mean, [x.mean()], rtol=1e-12)
+    np.testing.assert_allclose(b.std, [x.std()], rtol=1e-10)
+
+
+@pytest.mark.parametrize("cls", [tvd.CIFAR10, tvd.CIFAR100])
+def test_cifar_from_root(tmp_path, monkeypatch, cls):
+    (xtr, ytr), (xte, yte), names = write_cifar(tmp_path, cls)
+    patch_cifar_md5s(monkeypatch, cls, tmp_path)
+    name = cls.__name__.lower()
+    b = D.load_data(cfg(name, tmp_path, val_size=0), 0)
+    assert b.source == str(tmp_path / cls.base_folder) and b.classes == names
+    assert b.train.x.shape == (200, 3, 32, 32) and b.in_shape == (3, 32, 32) and b.train.x.flags.c_contiguous
+    np.testing.assert_array_equal(b.train.x, xtr)        # CIFAR rows are R..G..B planes: N,C,H,W as written
+    np.testing.assert_array_equal(b.train.y, ytr)
+    np.testing.assert_array_equal(b.test.x, xte)
+    np.testing.assert_array_equal(b.test.y, yte)
+    np.testing.assert_allclose(b.mean, (xtr / 255.0).mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(b.std, (xtr / 255.0).std(axis=(0, 2, 3)), rtol=1e-10)
+
+
+def test_cifar_corrupt_file_in_root_is_reported(tmp_path, monkeypatch):
+    write_cifar(tmp_path, tvd.CIFAR10)
+    patch_cifar_md5s(monkeypatch, tvd.CIFAR10, tmp_path)
+    with open(tmp_path / tvd.CIFAR10.base_folder / "data_batch_3", "ab") as fh:
+        fh.write(b"x")
+    with pytest.raises(ConfigError, match="cifar-10-batches-py \\(data.root\\): not found or corrupted"):
+        D.load_data(cfg("cifar10", tmp_path), 0)
+
+
+def test_mirror_mnist_family_md5_checked_then_extracted(tmp_path, monkeypatch):
+    mirror, root = tmp_path / "mirror", tmp_path / "root"
+    arrays, md5s = write_mnist_family(mirror, gz=True)
+    # torchvision's own md5 sums: the fake archives are rejected, by name
+    with pytest.raises(ConfigError) as e:
+        D.load_data(cfg("kmnist", root, mirror=str(mirror)), 0)
+    msg = str(e.value)
+    assert f"mirror {mirror}: train-images-idx3-ubyte.gz has md5 {md5s['train-images-idx3-ubyte.gz']}" in msg
+    assert tvd.KMNIST.resources[0][1] in msg and "fetch it again" in msg
+    assert not (root / "KMNIST").exists() and leftovers(root) == []
+    # with the expected sums set to these files', the real extraction and loading run
+    patch_resources(monkeypatch, tvd.KMNIST, md5s)
+    b = D.load_data(cfg("kmnist", root, mirror=str(mirror), val_size=0), 0)
+    assert b.source == f"mirror {mirror}"
+    assert sorted(os.listdir(root / "KMNIST" / "raw")) == sorted(IDX_FILES) and leftovers(root) == []
+    np.testing.assert_array_equal(b.train.x[:, 0], arrays["train-images-idx3-ubyte"])
+    # the next run finds them in root
+    assert D.load_data(cfg("kmnist", root), 0).source == str(root / "KMNIST" / "raw")
+
+
+def test_mirror_names_the_dataset_a_wrong_file_belongs_to(tmp_path, monkeypatch):
+    """MNIST's archives in a mirror asked for Fashion-MNIST: the message says whose files they are."""
+    _, md5s = write_mnist_family(tmp_path / "m", gz=True)
+    patch_resources(monkeypatch, tvd.MNIST, md5s)
+    with pytest.raises(ConfigError, match="it is MNIST's train-images-idx3-ubyte.gz"):
+        D.load_data(cfg("fashion_mnist", tmp_path / "root", mirror=str(tmp_path / "m")), 0)
+
+
+def test_mirror_subfolder_and_missing_file(tmp_path, monkeypatch):
+    _, md5s = write_mnist_family(tmp_path / "m" / "MNIST", gz=True)
+    os.remove(tmp_path / "m" / "MNIST" / "t10k-labels-idx1-ubyte.gz")
+    patch_resources(monkeypatch, tvd.MNIST, {**md5s, "t10k-labels-idx1-ubyte.gz": "0" * 32})
+    with pytest.raises(ConfigError, match="MNIST: missing t10k-labels-idx1-ubyte.gz"):
+        D.load_data(cfg("mnist", tmp_path / "root", mirror=str(tmp_path / "m")), 0)
+
+
+def test_archives_left_in_root_are_extracted(tmp_path, monkeypatch):
+    """A download that kept the .gz files but lost the extracted ones is repaired offline."""
+    raw = tmp_path / "MNIST" / "raw"
+    _, md5s = write_mnist_family(raw, gz=True)
+    patch_resources(monkeypatch, tvd.MNIST, md5s)
+    b = D.load_data(cfg("mnist", tmp_path), 0)
+    assert b.source == f"archives in data.root {raw}" and len(b.train) + len(b.val) == 300
+
+
+@pytest.mark.parametrize("cls", [tvd.CIFAR10, tvd.CIFAR100])
+def test_mirror_cifar_tarball(tmp_path, monkeypatch, cls):
+    (xtr, _), _, _ = write_cifar(tmp_path / "src", cls)
+    tgz = tar_cifar(tmp_path / "src", cls, tmp_path / "mirror")
+    name, root = cls.__name__.lower(), tmp_path / "root"
+    patch_cifar_md5s(monkeypatch, cls, tmp_path / "src")   # the batches' sums; the tarball's stays torchvision's
+    with pytest.raises(ConfigError, match=f"{cls.filename} has md5 {calculate_md5(tgz)}, not torchvision's"):
+        D.load_data(cfg(name, root, mirror=str(tmp_path / "mirror")), 0)
+    assert not (root / cls.base_folder).exists() and leftovers(root) == []
+    monkeypatch.setattr(cls, "tgz_md5", calculate_md5(tgz))
+    b = D.load_data(cfg(name, root, mirror=str(tmp_path / "mirror"), val_size=0), 0)
+    assert b.source == f"mirror {tmp_path / 'mirror'}" and leftovers(root) == []
+    np.testing.assert_array_equal(b.train.x, xtr)
+
+
+def test_mirror_cifar_extracted_folder(tmp_path, monkeypatch):
+    (xtr, _), _, _ = write_cifar(tmp_path / "mirror", tvd.CIFAR10)
+    with pytest.raises(ConfigError, match="data_batch_1 has md5 .* not torchvision's"):
+        D.load_data(cfg("cifar10", tmp_path / "root", mirror=str(tmp_path / "mirror")), 0)
+    patch_cifar_md5s(monkeypatch, tvd.CIFAR10, tmp_path / "mirror")
+    b = D.load_data(cfg("cifar10", tmp_path / "root", mirror=str(tmp_path / "mirror"), val_size=0), 0)
+    assert b.source == f"mirror {tmp_path / 'mirror' / 'cifar-10-batches-py'}"
+    np.testing.assert_array_equal(b.train.x, xtr)
+
+
+def test_debian_folder(tmp_path, monkeypatch):
+    """Debian re-stamps the gzip headers, so torchvision's md5 cannot match: dpkg's record and the IDX
+    header-vs-size check are used instead."""
+    deb, root = tmp_path / "deb", tmp_path / "root"
+    arrays, md5s = write_mnist_family(deb, gz=True)
+    monkeypatch.setattr(D, "DEBIAN_DIRS", {"fashion_mnist": str(deb)})
+    monkeypatch.setattr(D, "DPKG_INFO", str(tmp_path / "dpkg"))
+    b = D.load_data(cfg("fashion_mnist", root, val_size=0), 0)
+    assert b.source == f"debian package {deb}"
+    np.testing.assert_array_equal(b.test.x[:, 0], arrays["t10k-images-idx3-ubyte"])
+    # a file that differs from dpkg's record is refused, with the reinstall command
+    os.makedirs(tmp_path / "dpkg")
+    with open(tmp_path / "dpkg" / "dataset-fashion-mnist.md5sums", "w") as fh:
+        for f, m in md5s.items():
+            fh.write(f"{'0' * 32 if f.startswith('t10k-labels') else m}  {os.path.relpath(deb / f, '/')}\n")
+    with pytest.raises(ConfigError, match="t10k-labels-idx1-ubyte.gz does not match dpkg's md5 record.*"
+                                          "apt install --reinstall dataset-fashion-mnist"):
+        D.load_data(cfg("fashion_mnist", tmp_path / "root2"), 0)
+    # a truncated archive is refused by the size check
+    os.remove(tmp_path / "dpkg" / "dataset-fashion-mnist.md5sums")
+    with gzip.open(deb / "train-images-idx3-ubyte.gz", "wb") as fh:
+        fh.write(idx_bytes(arrays["train-images-idx3-ubyte"])[:-784])
+    with pytest.raises(ConfigError, match="train-images-idx3-ubyte.gz: IDX header \\(300, 28, 28\\) does not match"):
+        D.load_data(cfg("fashion_mnist", tmp_path / "root3"), 0)
+
+
+REAL_DEBIAN = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.skipif(not os.path.isdir(REAL_DEBIAN), reason="Debian package dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_from_debian(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "DEBIAN_DIRS", {"fashion_mnist": REAL_DEBIAN})
+    b = D.load_data(cfg("fashion_mnist", tmp_path, val_size=0), 0)
+    assert b.source == f"debian package {REAL_DEBIAN}"
+    assert b.train.x.shape == (60000, 1, 28, 28) and b.test.x.shape == (10000, 1, 28, 28)
+    assert np.bincount(b.train.y).tolist() == [6000] * 10 and np.bincount(b.test.y).tolist() == [1000] * 10
+    assert b.classes[0] == "T-shirt/top" and abs(b.mean[0] - 0.2860) < 1e-3 and abs(b.std[0] - 0.3530) < 1e-3
+
+
+def test_nothing_found_offline_lists_every_place(tmp_path):
+    root = tmp_path / "root"
+    with pytest.raises(ConfigError) as e:
+        D.load_data(cfg("fashion_mnist", root, mirror=str(tmp_path / "nowhere")), 0)
+    msg = str(e.value)
+    for part in [f"{root / 'FashionMNIST' / 'raw'} (data.root): not found",
+                 "debian package /nonexistent/datasets/fashion-mnist: not installed",
+                 f"mirror {tmp_path / 'nowhere'} (data.mirror): no such folder",
+                 "not tried (data.download=false)",
+                 "sudo apt install dataset-fashion-mnist", "data.mirror=/that/folder", "data.root=",
+                 "train-images-idx3-ubyte.gz", "data.download=true"]:
+        assert part in msg, part
+    assert "\n" not in msg
+    with pytest.raises(ConfigError, match="data.mirror: not set.*cifar-10-python.tar.gz"):
+        D.load_data(cfg("cifar10", root), 0)
+    assert leftovers(root) == []
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_download_through_torchvision(tmp_path, monkeypatch):
+    """torchvision's real downloader, from a local HTTP server: files land in root, nothing else stays."""
+    served, root = tmp_path / "served", tmp_path / "root"
+    arrays, md5s = write_mnist_family(served, gz=True)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        monkeypatch.setattr(tvd.MNIST, "mirrors", [url])
+        patch_resources(monkeypatch, tvd.MNIST, md5s)
+        b = D.load_data(cfg("mnist", root, download=True, val_size=0), 0)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert b.source == f"downloaded from {url}" and leftovers(root) == []
+    np.testing.assert_array_equal(b.train.x[:, 0], arrays["train-images-idx3-ubyte"])
+    assert set(IDX_FILES) <= set(os.listdir(root / "MNIST" / "raw"))
+
+
+def test_failed_download_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(tvd.MNIST, "mirrors", ["http://127.0.0.1:1/"])   # nothing listens on port 1
+    with pytest.raises(ConfigError, match="download from http://127.0.0.1:1/: failed .*Connection refused"):
+        D.load_data(cfg("mnist", tmp_path, download=True), 0)
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation carve and limits
+
+
+@pytest.fixture
+def mnist_root(tmp_path):
+    write_mnist_family(tmp_path / "MNIST" / "raw", gz=False)
+    return tmp_path
+
+
+def test_val_carve_sizes_disjoint_and_seeded(mnist_root):
+    b = D.load_data(cfg("mnist", mnist_root, val_size=70), seed=3)
+    tr, va = sample_ids(b.train.x), sample_ids(b.val.x)
+    assert len(tr) == 230 and len(va) == 70 and len(b.test) == 100
+    assert set(tr).isdisjoint(va) and sorted(np.concatenate([tr, va])) == list(range(300))
+    assert (np.diff(tr) > 0).all() and (np.diff(va) > 0).all()            # the files' order is kept
+    same = D.load_data(cfg("mnist", mnist_root, val_size=70), seed=3)
+    other = D.load_data(cfg("mnist", mnist_root, val_size=70), seed=4)
+    np.testing.assert_array_equal(sample_ids(same.val.x), va)
+    assert set(sample_ids(other.val.x)) != set(va)
+    # labels travel with their images
+    full = D.load_data(cfg("mnist", mnist_root, val_size=0), 0)
+    np.testing.assert_array_equal(b.val.y, full.train.y[va])
+
+
+def test_limits_apply_after_the_carve(mnist_root):
+    ref = D.load_data(cfg("mnist", mnist_root, val_size=70), seed=3)
+    b = D.load_data(cfg("mnist", mnist_root, val_size=70, limit_train=40, limit_test=25), seed=3)
+    np.testing.assert_array_equal(b.val.x, ref.val.x)                      # the carve does not move
+    assert len(b.train) == 40 and set(sample_ids(b.train.x)) <= set(sample_ids(ref.train.x))
+    np.testing.assert_array_equal(b.test.x, ref.test.x[:25])
+    big = D.load_data(cfg("mnist", mnist_root, val_size=0, limit_train=10_000, limit_test=10_000), 0)
+    assert len(big.train) == 300 and len(big.test) == 100
+
+
+@pytest.mark.parametrize("bad, match", [({"val_size": 300}, "data.val_size=300 leaves no training data"),
+                                        ({"val_size": -1}, "data.val_size=-1 must be an integer >= 0"),
+                                        ({"limit_train": 0}, "data.limit_train=0 must be an integer >= 1 or null"),
+                                        ({"crop_padding": 1.5}, "data.crop_padding=1.5 must be an integer")])
+def test_bad_sizes_are_config_errors(mnist_root, bad, match):
+    with pytest.raises(ConfigError, match=match):
+        D.load_data(cfg("mnist", mnist_root, **bad), 0)
+
+
+def test_dictconfig_and_defaults(mnist_root):
+    from omegaconf import OmegaConf
+    node = OmegaConf.create({"name": "mnist", "root": str(mnist_root), "download": False})
+    with pytest.raises(ConfigError, match="data.val_size=5000 leaves no training data"):  # the default
+        D.load_data(node, 0)
+    node.val_size, node.limit_test = 10, None
+    b = D.load_data(node, 0)
+    assert (len(b.train), len(b.val), len(b.test), b.augment) == (290, 10, 100, False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# batches
+
+
+def test_num_batches():
+    assert [D.num_batches(n, 4) for n in (0, 1, 4, 5, 8, 9)] == [0, 1, 1, 2, 2, 3]
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-5), (np.float64, 1e-12)])
+def test_normalization(dtype, tol):
+    x = images(500, 3, 32, 32, 0, ids=False)
+    split = D.Split(x, np.arange(500, dtype=np.int64) % 10)
+    mean, std = D.channel_stats(x)
+    out = list(D.batches(split, 64, mean=mean, std=std, dtype=dtype))
+    assert [len(b[0]) for b in out] == [64] * 7 + [52]                      # the partial batch is kept
+    xs = np.concatenate([b[0] for b in out])
+    assert all(b[0].dtype == dtype and b[0].flags.c_contiguous and b[1].dtype == np.int64 for b in out)
+    np.testing.assert_allclose(xs.mean(axis=(0, 2, 3), dtype=np.float64), 0, atol=tol)
+    np.testing.assert_allclose(xs.std(axis=(0, 2, 3), dtype=np.float64), 1, atol=tol * 10)
+    want = (x / 255.0 - mean[None, :, None, None]) / std[None, :, None, None]
+    np.testing.assert_allclose(xs, want, rtol=tol, atol=tol)
+
+
+def test_shuffle_is_deterministic_and_covers_each_sample_once():
+    x = images(103, 1, 8, 8, 0)
+    split = D.Split(x, np.arange(103, dtype=np.int64))
+    kw = dict(mean=[0.5], std=[0.25])
+    ys = lambda seed: np.concatenate([y for _, y in D.batches(split, 10, shuffle_seed=seed, **kw)])  # noqa: E731
+    np.testing.assert_array_equal(ys(None), np.arange(103))
+    np.testing.assert_array_equal(ys([1, 0]), np.random.default_rng([1, 0]).permutation(103))
+    np.testing.assert_array_equal(ys([1, 0]), ys([1, 0]))
+    assert not np.array_equal(ys([1, 0]), ys([1, 1])) and sorted(ys([1, 1])) == list(range(103))
+    for xb, yb in D.batches(split, 10, shuffle_seed=[1, 0], **kw):        # images travel with their labels
+        np.testing.assert_array_equal(sample_ids(np.round((xb * 0.25 + 0.5) * 255).astype(np.uint8)), yb)
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_start_resumes_exactly(augment):
+    x = images(90, 3, 12, 12, 1, ids=False)
+    split = D.Split(x, np.arange(90, dtype=np.int64))
+    kw = dict(mean=[0.3] * 3, std=[0.2] * 3, shuffle_seed=[7, 2], augment=augment, crop_padding=2)
+    full = list(D.batches(split, 16, **kw))
+    for k in (0, 1, 3, 5, 6):
+        rest = list(D.batches(split, 16, start=k, **kw))
+        assert len(rest) == len(full) - k
+        for (a, ya), (b, yb) in zip(full[k:], rest):
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(ya, yb)
+    with pytest.raises(ValueError, match="start=7"):
+        next(D.batches(split, 16, start=7, **kw))
+
+
+def test_augmentation_is_crop_and_flip_of_the_padded_image():
+    x = images(40, 3, 10, 10, 2, ids=False)
+    split = D.Split(x, np.arange(40, dtype=np.int64))
+    p = 2
+    got = np.concatenate([xb for xb, _ in D.batches(split, 16, mean=[0] * 3, std=[1 / 255] * 3, dtype=np.float64,
+                                                    augment=True, crop_padding=p, shuffle_seed=[0, 0])])
+    ys = np.concatenate([yb for _, yb in D.batches(split, 16, mean=[0] * 3, std=[1 / 255] * 3,
+                                                   shuffle_seed=[0, 0])])
+    padded = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+    found = []
+    for img, i in zip(got, ys):
+        matches = [(dy, dx, f) for dy in range(2 * p + 1) for dx in range(2 * p + 1) for f in (0, 1)
+                   if np.array_equal(img, (lambda w: w[..., ::-1] if f else w)(padded[i, :, dy:dy + 10, dx:dx + 10]))]
+        assert matches, f"sample {i} is not a crop/flip of its padded image"
+        found.append(matches[0])
+    dy, dx, f = np.array(found).T
+    assert 0 < f.sum() < 40 and len(set(zip(dy, dx))) > 5                  # both flips, many offsets
+    # another epoch (shuffle_seed) draws other crops for the same samples
+    kw = dict(mean=[0] * 3, std=[1 / 255] * 3, dtype=np.float64, crop_padding=p, shuffle_seed=[0, 1])
+    got1 = np.concatenate([xb for xb, _ in D.batches(split, 16, augment=True, **kw)])
+    ys1 = np.concatenate([yb for _, yb in D.batches(split, 16, **kw)])
+    assert not np.array_equal(got[np.argsort(ys)], got1[np.argsort(ys1)])
+
+
+def test_augmentation_only_changes_cifar(tmp_path, monkeypatch, caplog):
+    write_mnist_family(tmp_path / "MNIST" / "raw", gz=False)
+    write_cifar(tmp_path, tvd.CIFAR10)
+    patch_cifar_md5s(monkeypatch, tvd.CIFAR10, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="cnnpipe.data"):
+        m = D.load_data(cfg("mnist", tmp_path, augment=True), 0)
+    assert m.augment is False and "data.augment=true is ignored for mnist" in caplog.text
+    c = D.load_data(cfg("cifar10", tmp_path, augment=True, crop_padding=3), 0)
+    assert c.augment is True and c.crop_padding == 3
+    for b, changed in ((m, False), (c, True)):
+        kw = dict(mean=b.mean, std=b.std, shuffle_seed=[0, 0])
+        plain = np.concatenate([xb for xb, _ in D.batches(b.train, 32, **kw)])
+        aug = np.concatenate([xb for xb, _ in D.batches(b.train, 32, augment=b.augment,
+                                                        crop_padding=b.crop_padding, **kw)])
+        assert (not np.array_equal(plain, aug)) == changed
