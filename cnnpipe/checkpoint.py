@@ -79,6 +79,12 @@ def load_checkpoint(path) -> dict[str, np.ndarray]:
     if not path.exists():
         raise CheckpointError(f"Checkpoint {path} does not exist. Give resume= / ckpt= a checkpoint file "
                               f"(…/checkpoints/last.npz or best.npz) or a run directory that has one.")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":                           # every .npz is a zip archive
+        raise CheckpointError(f"Checkpoint {path} is not a readable .npz file (it is not a zip archive: wrong "
+                              f"file, truncated at the start, or corrupted). Use another checkpoint (best.npz, or "
+                              f"an earlier run).")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}           # reads every member: CRC errors surface here

@@ -47,3 +47,20 @@ def resume_run_dir_args(argv: list[str]) -> list[str]:
     if run_dir is None or not run_dir.is_dir():
         return []                               # the loader reports the missing file clearly
     return [f"hydra.run.dir={run_dir}", "hydra.output_subdir=.hydra/resume-${now:%Y-%m-%d_%H-%M-%S}"]
+
+
+def check_output_dir_args(argv: list[str]):
+    """Before Hydra creates the run directory: is the place it will go writable? (Otherwise Hydra fails
+    with a traceback.) Checks hydra.run.dir / hydra.sweep.dir when given, else ./outputs."""
+    import os
+    from pathlib import Path
+    key = "hydra.sweep.dir=" if ("-m" in argv or "--multirun" in argv) else "hydra.run.dir="
+    value = next((a.split("=", 1)[1] for a in argv if a.startswith(key)), "outputs")
+    target = Path(value.split("${", 1)[0] or ".")
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not a directory" if not probe.is_dir() else "is not writable"
+        fail(f"The output directory {value} cannot be created: {probe} {what}. Choose another place with "
+             f"{key}<path> (or fix the permissions) and run again; nothing was trained.")

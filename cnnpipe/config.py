@@ -91,7 +91,7 @@ class TrainerConf:
     epochs: int = 3
     batch_size: int = 64
     eval_batch_size: int = 1000
-    seed: int = 0
+    seed: int = 0                       # >= 0
     log_every: int = 50                 # steps between train.log lines / tqdm postfix updates
     max_steps: Optional[int] = None     # stop after this many steps in total (debug)
     progress: bool = True               # tqdm bars

@@ -74,8 +74,8 @@ class Trainer:
         while self.epoch < tc.epochs and not self._max_steps_reached():
             loss_sum, correct, seen, seconds = self.epoch_sums
             it = batches(self.data.train, tc.batch_size, mean=self.data.mean, std=self.data.std, dtype=self.dtype,
-                         shuffle_seed=[tc.seed, self.epoch], augment=cfg.data.augment,
-                         crop_padding=cfg.data.crop_padding, start=self.batch_in_epoch)
+                         shuffle_seed=[tc.seed, self.epoch], augment=self.data.augment,
+                         crop_padding=self.data.crop_padding, start=self.batch_in_epoch)
             bar = _progress(tc.progress, self.steps_per_epoch, self.batch_in_epoch, f"epoch {self.epoch + 1}/{tc.epochs}")
             t0 = time.perf_counter()
             for x, y in it:                                                  # x N,C,H,W   y N

@@ -6,9 +6,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cnnpipe.cli import resume_run_dir_args, run_guarded
+from cnnpipe.cli import check_output_dir_args, resume_run_dir_args, run_guarded
 from cnnpipe.config import register_configs
 
 register_configs()
@@ -18,9 +19,18 @@ register_configs()
 def main(cfg: DictConfig) -> float:
     from cnnpipe.train import train
     hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:                 # a failing job is recorded, the sweep goes on (cnnpipe/sweep.py)
+        from cnnpipe.sweep import run_job
+        return run_job(cfg, hc, train)
     return run_guarded(lambda: train(cfg, hc.runtime.output_dir, list(hc.overrides.task)))
 
 
 if __name__ == "__main__":
+    from cnnpipe import sweep
+    sweep.check_plugins(sys.argv[1:])              # hydra/launcher=ray without the plugin: say which extra
     sys.argv += resume_run_dir_args(sys.argv[1:])
+    check_output_dir_args(sys.argv[1:])
     main()
+    if sweep.failed_jobs:                          # the summary lists them; the exit code says so too
+        print(f"{len(sweep.failed_jobs)} job(s) of the sweep did not finish (see summary.md).", file=sys.stderr)
+        sys.exit(1)
