@@ -14,7 +14,8 @@ What lands in the run's event file (global step = optimizer steps completed, con
             written into this run's own event file (no timestamped sub-run)
 
 Colour maps are written here in numpy: signed maps (δ, filters, signed activations) use blue-white-red with
-white at exactly zero and one scale ±max|v| per image, so the sign and the relative size across channels show.
+white at exactly zero and one scale ±max|v| per image, so the sign and the relative size across channels show
+(δ-maps with intensity ∝ sqrt(|δ|/max|δ|): a few large δ's would otherwise wash the rest out).
 Letters: N probe images, C channels, F filters, H,W map size, K kernel size.
 """
 from __future__ import annotations
@@ -39,13 +40,16 @@ HPARAM_KEYS = ("model.name", "model.activation", "conv.k", "conv.stride", "conv.
 
 BLUE, RED, WHITE = np.array([33, 102, 172.]), np.array([178, 24, 43.]), np.array([255, 255, 255.])
 GAP = np.array([96, 96, 96], np.uint8)           # separator between tiles
+DELTA_GAMMA = 0.5                                # δ-maps: intensity ∝ sqrt(|δ|/max|δ|), so small δ's stay visible
 TILE_PX = 84                                     # small maps are magnified (nearest neighbour) to about this size
 
 
 # -- colour maps and grids (pure numpy) -------------------------------------------------------------------------
-def diverging(v, scale):
-    """Blue (−scale) – white (0) – red (+scale): ... float array → ...,3 uint8."""
+def diverging(v, scale, gamma=1.0):
+    """Blue (−scale) – white (0) – red (+scale): ... float array → ...,3 uint8. gamma < 1 lifts small values
+    (colour intensity ∝ (|v|/scale)^gamma; the sign and exact zeros stay as they are)."""
     t = np.clip(np.asarray(v, np.float64) / (scale if scale > 0 else 1.0), -1.0, 1.0)[..., None]
+    t = np.sign(t) * np.abs(t) ** gamma if gamma != 1.0 else t
     rgb = WHITE + np.abs(t) * (np.where(t < 0, BLUE, RED) - WHITE)
     return (rgb + 0.5).astype(np.uint8)
 
@@ -56,11 +60,11 @@ def sequential(v, scale):
     return np.repeat((g * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=-1)
 
 
-def colorize(v):
+def colorize(v, gamma=1.0):
     """Diverging around zero if the maps have a sign, else sequential; one scale for the whole image."""
     v = np.asarray(v)
     scale = float(np.abs(v).max()) if v.size else 0.0
-    return diverging(v, scale) if v.size and v.min() < 0 else sequential(v, scale)
+    return diverging(v, scale, gamma) if v.size and v.min() < 0 else sequential(v, scale)
 
 
 def grid(tiles, cols=None, gap=2, px=TILE_PX):
@@ -268,7 +272,9 @@ class TensorBoardLogger(Callback):
             name, split = ("val", tr.data.val) if tr.data.val is not None and len(tr.data.val.y) else \
                 ("test", tr.data.test)
             if len(split.y):
-                _, _, preds = tr.evaluate(split)
+                preds = getattr(tr, "val_preds", None) if name == "val" else None    # the trainer's own val pass
+                if preds is None or len(preds) != len(split.y):
+                    _, _, preds = tr.evaluate(split)
                 cm = confusion_matrix(split.y, preds, len(tr.data.classes))
                 w.add_image(f"confusion/{name}", confusion_image(cm, tr.data.classes), tr.step, dataformats="HWC")
         w.flush()
@@ -330,8 +336,8 @@ class TensorBoardLogger(Callback):
                 continue
             act_i = i + 1 if i + 1 < len(layers) and layers[i + 1].kind in ACTIVATIONS else i
             if deltas[i] is not None:                                             # N,F,Ho,Wo
-                w.add_images(f"delta/{layer.name}", np.stack([grid(colorize(dm)) for dm in deltas[i]]), step,
-                             dataformats="NHWC")
+                maps = np.stack([grid(colorize(dm, DELTA_GAMMA)) for dm in deltas[i]])   # N,H',W',3
+                w.add_images(f"delta/{layer.name}", maps, step, dataformats="NHWC")
             w.add_images(f"activation/{layer.name}", np.stack([grid(colorize(am)) for am in outs[act_i]]), step,
                          dataformats="NHWC")
             W = layer.params["W"][:64, :32]                                        # F,C,K,K (at most 64×32 tiles)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import open_dict
 from PIL import Image
 
 from cnnpipe.tb import TensorBoardLogger, diverging, grid
@@ -124,7 +125,8 @@ def test_histograms_and_hparams_decode(tb_run):
 
 
 def test_probe_does_not_change_training(compose_cfg, fashion_root, tmp_path):
-    """Images every step, histograms and scalars every step: bit-identical parameters to a run without logging."""
+    """Images, histograms and scalars every step: bit-identical parameters to a run without logging (a dropout layer
+    replaces dense1, so a probe that drew from the dropout generator would show up too)."""
     ov = tiny_overrides(fashion_root, **{**TB_OVERRIDES, "trainer.epochs": "1", "logger.scalar_every": "1",
                                           "logger.image_every": "1", "logger.histogram_every": "1",
                                           "model.layers.7.type": "dropout", "model.layers.7.p": "0.3"})
@@ -141,7 +143,7 @@ def test_probe_does_not_change_training(compose_cfg, fashion_root, tmp_path):
     assert len(accumulate(tmp_path / "True").Images("delta/conv2")) == 6
 
 
-def test_resumed_steps_continue_and_update_ratio_is_the_parameter_change(compose_cfg, fashion_root, tmp_path):
+def test_resumed_steps_continue_and_the_update_ratio_is_true(compose_cfg, fashion_root, tmp_path):
     """Steps continue from tr.step. Plain SGD: Δθ = -lr·g, so the logged ‖Δθ‖/‖θ_before‖ must agree with the logged
     gradient norm and (post-step) weight norm: ‖θ_before‖ lies within ‖θ_after‖ ± lr·‖g‖."""
     ov = tiny_overrides(fashion_root, **{**TB_OVERRIDES, "trainer.epochs": "1", "logger.histogram_every": "0",
@@ -160,6 +162,36 @@ def test_resumed_steps_continue_and_update_ratio_is_the_parameter_change(compose
         assert np.all(ratio >= step / (w_after + step) * (1 - 1e-4)), name
         assert np.all(ratio <= step / (w_after - step) * (1 + 1e-4)), name
         assert np.all(ratio > 0)
+
+
+def test_hydra_overrides_become_hparams_and_the_switch_works(fashion_root, tmp_path):
+    """As in a Hydra job (HydraConfig set, as @hydra.main does): the job's overrides are HPARAMS columns.
+    make_trainer (the real wiring) adds the logger only with logger.tensorboard=true."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from cnnpipe.config import register_configs
+    from cnnpipe.tb import run_hparams
+    from cnnpipe.train import make_trainer
+    register_configs()
+    common = tiny_overrides(fashion_root, **{"trainer.max_steps": "3", "checkpoint.enabled": "false"})
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("train", overrides=[*common, "pool=mean", "conv.k=3", "resume=null"],
+                          return_hydra_config=True)
+            off = compose("train", overrides=common)
+        HydraConfig.instance().set_config(cfg)
+        hp = run_hparams(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+        GlobalHydra.instance().clear()
+    assert hp["pool"] == "mean" and hp["pool.mode"] == "mean" and hp["conv.k"] == 3 and "resume" not in hp
+    assert hp["trainer.max_steps"] == 3 and hp["data.download"] == "false" and hp["conv.padding"] == "same"
+    assert not any(isinstance(cb, TensorBoardLogger) for cb in make_trainer(off, tmp_path / "off").callbacks)
+    with open_dict(off):
+        off.logger.tensorboard = True
+    assert any(isinstance(cb, TensorBoardLogger) for cb in make_trainer(off, tmp_path / "on").callbacks)
 
 
 def test_diverging_colour_map_is_symmetric_around_zero():
