@@ -43,6 +43,10 @@ class NonFiniteLoss(ConfigError):
 class Trainer:
     def __init__(self, cfg, run_dir):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        if cfg.trainer.seed < 0 or cfg.trainer.batch_size < 1 or cfg.trainer.epochs < 0:
+            raise ConfigError(f"trainer.seed={cfg.trainer.seed}, trainer.batch_size={cfg.trainer.batch_size} and "
+                              f"trainer.epochs={cfg.trainer.epochs}: the seed and epochs must be >= 0 and the batch "
+                              f"size >= 1.")
         self.dtype = np.dtype(cfg.dtype)
         self.threads = set_threads(cfg.backend.threads)
         self.backend = get_backend(cfg.backend.name)
@@ -63,6 +67,7 @@ class Trainer:
         self.epoch, self.step, self.batch_in_epoch, self.best = 0, 0, 0, None
         self.history = {"train_loss": [], "train_acc": [], "val_loss": [], "val_acc": [], "epoch_seconds": []}
         self.epoch_sums = [0.0, 0, 0, 0.0]                   # loss·n, correct, n, seconds inside the current epoch
+        self.val_preds = None                                # last validation predictions (confusion matrix)
         self.stop_requested = None                           # set to a reason (e.g. "SIGTERM") to stop after this step
         self.callbacks: list[Callback] = []
 
@@ -121,7 +126,7 @@ class Trainer:
         metrics = {"epoch": self.epoch + 1, "train_loss": h["train_loss"][-1], "train_acc": h["train_acc"][-1],
                    "epoch_seconds": seconds, "samples_per_second": seen / max(seconds, 1e-9)}
         if self.data.val is not None:
-            metrics["val_loss"], metrics["val_acc"], _ = self.evaluate(self.data.val)
+            metrics["val_loss"], metrics["val_acc"], self.val_preds = self.evaluate(self.data.val)
             h["val_loss"].append(metrics["val_loss"])
             h["val_acc"].append(metrics["val_acc"])
         log.info("epoch %d/%d: " + ", ".join(f"{k} %.4f" for k in metrics if k != "epoch"), self.epoch + 1,

@@ -49,6 +49,7 @@ BAD = [
     (["backend=numpy", "backend.name=cuda"], "Unknown backend 'cuda'"),
     (["dtype=float16"], "dtype"),
     (["optim.schedule=linear"], "schedule"),
+    (["trainer.seed=-1"], "trainer.seed=-1"),
 ]
 
 
