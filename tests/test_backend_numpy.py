@@ -153,15 +153,17 @@ def test_overlapping_max_pool_accumulates():
     assert dx[0, 0, 1, 2] == 7.0 and dx.sum() == 7.0
 
 
-def test_chunked_im2col_matches_single_chunk(monkeypatch):
+@pytest.mark.parametrize("stride", [1, 2])
+def test_chunked_im2col_matches_single_chunk(monkeypatch, stride):
     rng = np.random.default_rng(0)
     x, w, b = rng.standard_normal((5, 3, 8, 8)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
-    y1, c1 = B.conv2d_forward(x, w, b, stride=1, pad=1)
+    y1, c1 = B.conv2d_forward(x, w, b, stride=stride, pad=1)
     dy = rng.standard_normal(y1.shape)
     g1 = B.conv2d_backward(dy, c1)
-    monkeypatch.setattr(B, "COL_CHUNK_BYTES", 2 * 27 * 64 * 8)  # two samples per chunk -> 3 chunks
-    y2, c2 = B.conv2d_forward(x, w, b, stride=1, pad=1)
-    assert c2[-1].ndim == 4  # the padded input was cached, not an im2col buffer
+    cols_per_sample = 8 * 8 if stride == 1 else 4 * 4  # Ho*Wo
+    monkeypatch.setattr(B, "COL_CHUNK_BYTES", 2 * 27 * cols_per_sample * 8)  # two samples a chunk -> 3 chunks
+    y2, c2 = B.conv2d_forward(x, w, b, stride=stride, pad=1)
+    assert c2[-2] is None and c2[-1] is not None  # the padded input was cached, not an im2col buffer
     g2 = B.conv2d_backward(dy, c2)
     assert rel_err(y2, y1) < 1e-14
     for a, r in zip(g2, g1):

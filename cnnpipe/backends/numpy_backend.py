@@ -59,8 +59,20 @@ def _im2col(xp, K, S, Ho, Wo):
 
 
 def _col2im(dcol, C, K, S, Ho, Wo, Hp, Wp):
-    """Adjoint of _im2col: every window's gradient is added back where it was read (K² slice-adds)."""
+    """Adjoint of _im2col: every window's gradient is added back where it was read (K² slice-adds).
+
+    Stride 1 takes dcol in "wide rows" (n, CKK, Ho*Wp): output row ho spans all Wp padded columns,
+    those past Wo carrying zero δ, so each of the K² adds is one long contiguous run of the flat
+    padded image: dxflat[n, c, (ho+ki)*Wp + wo+kj] += dcol[n, c,ki,kj, ho*Wp+wo] (~2x faster).
+    """
     N = dcol.shape[0]
+    if S == 1:
+        dcol = dcol.reshape(N, C, K, K, Ho * Wp)  # n,C,K,K,HoWp
+        dflat = np.zeros((N, C, Hp * Wp + K - 1), dtype=dcol.dtype)  # n,C,HpWp + tail the last row spills into
+        for ki in range(K):
+            for kj in range(K):
+                dflat[:, :, ki * Wp + kj:ki * Wp + kj + Ho * Wp] += dcol[:, :, ki, kj]
+        return dflat[:, :, :Hp * Wp].reshape(N, C, Hp, Wp)  # n,C,Hp,Wp
     dcol = dcol.reshape(N, C, K, K, Ho, Wo)
     dxp = np.zeros((N, C, Hp, Wp), dtype=dcol.dtype)  # N,C,Hp,Wp
     for ki in range(K):
@@ -96,8 +108,8 @@ def conv2d_forward(x, w, b, stride=1, pad=0):
         np.matmul(w2d, col, out=y[sl])  # n,F,HoWo
     y += b.astype(x.dtype, copy=False)[:, None]
     # one chunk: keep its im2col buffer for backward; several: keep xp and rebuild them there
-    cache = (x.shape, xp.shape, w2d, K, S, P, col) if len(chunks) == 1 else (x.shape, xp.shape, w2d, K, S, P, xp)
-    return y.reshape(N, F, Ho, Wo), cache
+    col, xp = (col, None) if len(chunks) == 1 else (None, xp)
+    return y.reshape(N, F, Ho, Wo), ((N, C, H, W), (H + 2 * P, W + 2 * P), w2d, K, S, P, col, xp)
 
 
 def conv2d_backward(dy, cache, need_dx=True):
@@ -107,23 +119,30 @@ def conv2d_backward(dy, cache, need_dx=True):
     convolution (see conv2d_backward_data_flipped). h'(a) is applied by the activation layer
     (rule 7). need_dx=False skips rule 4 and returns dx=None (the first layer needs no input δ).
     """
-    (N, C, H, W), (_, _, Hp, Wp), w2d, K, S, P, saved = cache
+    (N, C, H, W), (Hp, Wp), w2d, K, S, P, col, xp = cache
     F, dtype = w2d.shape[0], w2d.dtype
     Ho, Wo = dy.shape[2:]
     dy3 = np.ascontiguousarray(dy, dtype=dtype).reshape(N, F, Ho * Wo)  # N,F,HoWo
     db = dy3.sum(axis=(0, 2))  # F                                             rule 6
     dw = np.zeros((F, C * K * K), dtype=dtype)  # F,CKK
+    if need_dx and S == 1:  # δ in wide rows for _col2im: Wp columns a row, zeros past Wo
+        delta_wide = np.zeros((N, F, Ho, Wp), dtype=dtype)  # N,F,Ho,Wp
+        delta_wide[..., :Wo] = dy3.reshape(N, F, Ho, Wo)
+        delta_wide = delta_wide.reshape(N, F, Ho * Wp)  # N,F,HoWp
+    else:
+        delta_wide = dy3  # N,F,HoWo
     dxps = []
     for sl in _chunks(N, C * K * K * Ho * Wo * dtype.itemsize):
-        col = saved if saved.ndim == 3 else _im2col(saved[sl], K, S, Ho, Wo)  # n,CKK,HoWo
+        if xp is not None:  # chunked forward: rebuild this chunk's columns
+            col = _im2col(xp[sl], K, S, Ho, Wo)  # n,CKK,HoWo
         dw += np.matmul(dy3[sl], col.transpose(0, 2, 1)).sum(axis=0)  # F,CKK  rule 5
         if need_dx:
-            dcol = np.matmul(w2d.T, dy3[sl])  # n,CKK,HoWo                          rule 4
+            dcol = np.matmul(w2d.T, delta_wide[sl])  # n,CKK,HoWo (HoWp at stride 1)   rule 4
             dxps.append(_col2im(dcol, C, K, S, Ho, Wo, Hp, Wp))  # n,C,Hp,Wp
     dx = None
     if need_dx:
         dxp = dxps[0] if len(dxps) == 1 else np.concatenate(dxps)  # N,C,Hp,Wp
-        dx = dxp if P == 0 else np.ascontiguousarray(dxp[:, :, P:P + H, P:P + W])  # N,C,H,W
+        dx = np.ascontiguousarray(dxp[:, :, P:P + H, P:P + W])  # N,C,H,W
     return dx, dw.reshape(F, C, K, K), db
 
 
