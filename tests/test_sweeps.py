@@ -103,9 +103,49 @@ def test_hparams_search_configs_and_command_line_optuna_compose():
             assert sw._target_.endswith("OptunaSweeper") and sw.n_trials > 0 and sw.sampler.seed is not None
             assert sw.params and cfg.optimized_metric and sw.direction == "maximize"
             assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+            cfg = compose("train", overrides=[f"hparams_search={name}"])
+            from cnnpipe.model import build_model
+            assert build_model(cfg).out_shape == (cfg.data.num_classes,)
         cfg = compose("train", overrides=["hydra/sweeper=optuna"], return_hydra_config=True)
         assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     GlobalHydra.instance().clear()
+
+
+@pytest.mark.parametrize("overrides, expect", [
+    (["hydra/launcher=joblib", "conv.k=3,5,7", "pool.mode=max,mean"], "min(cores, 6)"),     # n_jobs=-1: all cores
+    (["hydra/launcher=joblib", "hydra.launcher.n_jobs=1", "conv.k=3,5"], None),          # one at a time
+    (["conv.k=3,5,7"], None),                                                            # basic launcher
+    (["hydra/launcher=submitit_local", "conv.k=3,5"], "2"),                 # every job at once
+    (["hydra/launcher=submitit_slurm", "hydra.launcher.partition=cpu", "hydra.launcher.cpus_per_task=8",
+      "conv.k=3,5"], None),                                           # the allocation's own cores (affinity)
+    (["hydra/launcher=ray", "hydra.launcher.ray.init.address=auto", "conv.k=3,5"], None),  # a Ray cluster
+    (["hydra/launcher=ray", "+hydra.launcher.ray.remote.num_cpus=1", "conv.k=3,5"], "ray1"),  # 1 CPU per task
+])
+def test_per_job_thread_limit_follows_the_launcher(overrides, expect):
+    """job_threads on the real composed config of each launcher (jobs at a time = min(batch, launcher slots))."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from cnnpipe.config import register_configs
+    from cnnpipe.sweep import cpu_count, job_threads
+    register_configs()
+    GlobalHydra.instance().clear()
+    from omegaconf import open_dict
+    launcher = [o for o in overrides if o.lstrip("+").startswith("hydra")]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=launcher, return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    with open_dict(cfg):                                    # what the sweep process sees: the raw sweep overrides
+        cfg.hydra.overrides.task = [o for o in overrides if o not in launcher]
+    threads, parallel = job_threads(cfg)
+    cores = cpu_count()
+    if expect == "ray1":
+        assert (threads, parallel) == (1, cores)
+        return
+    want_parallel = 1 if expect is None else eval(expect, {"cores": cores, "min": min})
+    if want_parallel <= 1:
+        assert (threads, parallel) == (None, 1)
+    else:
+        assert (threads, parallel) == (max(cores // want_parallel, 1), want_parallel)
 
 
 def test_submitit_local_two_jobs_and_explicit_threads(fashion_root, tmp_path):
