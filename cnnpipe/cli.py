@@ -54,7 +54,8 @@ def check_output_dir_args(argv: list[str]):
     with a traceback.) Checks hydra.run.dir / hydra.sweep.dir when given, else ./outputs."""
     import os
     from pathlib import Path
-    key = "hydra.sweep.dir=" if ("-m" in argv or "--multirun" in argv) else "hydra.run.dir="
+    multirun = "-m" in argv or "--multirun" in argv or any(a.startswith("hparams_search=") for a in argv)
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
     value = next((a.split("=", 1)[1] for a in argv if a.startswith(key)), "outputs")
     target = Path(value.split("${", 1)[0] or ".")
     probe = target
