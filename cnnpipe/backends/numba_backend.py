@@ -5,89 +5,90 @@ Letters: N batch, C input channels, F filters, H,W input size, K kernel, S strid
 P = Ho*Wo output pixels, R pool window size, nb samples in one batch chunk.
 
 How the work is split (PERF_NOTES.md):
-- conv forward: numba packs im2col columns col (C,K,K,nb,Ho,Wo) in parallel, one sgemm W2d @ col runs in
-  BLAS (np.dot, called from Python, so numba threads and BLAS threads never run at the same time), and a
-  numba pass adds the bias while reordering (F,nb,P) -> (N,F,P).
-- conv backward: rule 6 db is a fixed-order sum; rule 5 dW = δ2d @ colᵀ (sgemm, chunks added in fixed
-  order); rule 4 dx = col2im(W2dᵀ @ δ2d), the transposed convolution, which equals the full convolution
-  of δ with the flipped kernel.
-- The batch is processed in chunks so a chunk's columns stay in the last-level cache; the columns are
-  rebuilt in backward instead of being kept, so memory stays bounded for any batch size.
+- conv: the batch is cut into chunks (a chunk's columns stay in cache, at least one chunk per thread).
+  T worker threads (T = numba's thread count) each take whole chunks and run serial nogil numba kernels
+  plus single-threaded BLAS, so exactly T threads compute: no BLAS/numba oversubscription.
+  forward per chunk: im2col col (C,K,K,nb,Ho,Wo) -> one sgemm W2d @ col (np.dot) -> bias add fused with
+  the (F,nb,P) -> (N,F,P) reorder.
+  backward per chunk: δ reordered to (F,nb,P); rule 5 dW part = δ2d @ colᵀ (parts summed in chunk order);
+  rule 4 dx = col2im(W2dᵀ @ δ2d), the transposed convolution, which equals the full convolution of δ
+  with the flipped kernel. Rule 6 db is a fixed-order sum. Columns are rebuilt in backward instead of
+  being kept, so memory stays bounded for any batch size.
 - pools: direct loops, prange over (n, c) planes, so threads write disjoint memory.
 Every kernel is deterministic for a fixed thread count: parallel loops write disjoint outputs and every
 reduction runs in one fixed order. Work buffers are reused per thread; returned arrays are always fresh.
 """
 from __future__ import annotations
 
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 from numba import njit, prange
 
 from cnnpipe import ConfigError
 
-COL_CHUNK_BYTES = 8 << 20  # im2col bytes per batch chunk: big enough for an efficient sgemm, small for L3
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    # workqueue threads sleep between parallel regions; OpenMP's spin and steal the cores BLAS needs
+    numba.config.THREADING_LAYER = "workqueue"
+
+COL_CHUNK_BYTES = 4 << 20  # im2col bytes per batch chunk: big enough for an efficient sgemm, small for L3
 
 
 # ----------------------------------------------------------------------------------------------------
-# numba kernels (parallel over disjoint outputs; cache=True so a second process loads, not compiles)
+# numba kernels (cache=True so a second process loads, not compiles). Per-chunk conv kernels are serial
+# and nogil (the chunk workers are the parallelism); the rest prange over disjoint outputs.
 
-@njit(parallel=True, cache=True)
-def _im2col(x, n0, K, S, pad, col):
-    """col[c,kh,kw,j,ho,wo] = zeropad(x)[n0+j, c, ho*S+kh, wo*S+kw]."""
-    N, C, H, W = x.shape                      # x N,C,H,W
-    _, _, _, nb, Ho, Wo = col.shape           # col C,K,K,nb,Ho,Wo
-    for r in prange(C * K * K * nb):
+@njit(nogil=True, cache=True)
+def _im2col(xp, n0, S, col):
+    """col[c,kh,kw,j,ho,wo] = xp[n0+j, c, ho*S+kh, wo*S+kw], xp the zero-padded input; one (c, j) per task."""
+    C, K, _, nb, Ho, Wo = col.shape           # col C,K,K,nb,Ho,Wo; xp N,C,Hp,Wp
+    for r in range(C * nb):
+        c = r // nb
         j = r % nb
-        kw = (r // nb) % K
-        kh = (r // (nb * K)) % K
-        c = r // (nb * K * K)
         n = n0 + j
-        lo = min(Wo, max(0, (pad - kw + S - 1) // S))           # first wo with wi = wo*S+kw-pad >= 0
-        hi = max(lo, min(Wo, (W - 1 + pad - kw) // S + 1))      # one past the last wo with wi < W
-        for ho in range(Ho):
-            h = ho * S + kh - pad
-            if h < 0 or h >= H:
-                for wo in range(Wo):
-                    col[c, kh, kw, j, ho, wo] = 0
-                continue
-            for wo in range(lo):
-                col[c, kh, kw, j, ho, wo] = 0
-            for wo in range(lo, hi):
-                col[c, kh, kw, j, ho, wo] = x[n, c, h, wo * S + kw - pad]
-            for wo in range(hi, Wo):
-                col[c, kh, kw, j, ho, wo] = 0
-
-
-@njit(parallel=True, cache=True)
-def _col2im(dcol, n0, S, pad, dx):
-    """dx[n0+j] = sum over (kh,kw) of dcol scattered back to the input positions it was copied from."""
-    N, C, H, W = dx.shape                     # dx N,C,H,W
-    _, K, _, nb, Ho, Wo = dcol.shape          # dcol C,K,K,nb,Ho,Wo
-    for r in prange(nb * C):
-        j = r // C
-        c = r % C
-        n = n0 + j
-        for h in range(H):
-            for w in range(W):
-                dx[n, c, h, w] = 0
         for kh in range(K):
             for kw in range(K):
-                lo = min(Wo, max(0, (pad - kw + S - 1) // S))
-                hi = max(lo, min(Wo, (W - 1 + pad - kw) // S + 1))
                 for ho in range(Ho):
-                    h = ho * S + kh - pad
-                    if h < 0 or h >= H:
-                        continue
-                    for wo in range(lo, hi):
-                        dx[n, c, h, wo * S + kw - pad] += dcol[c, kh, kw, j, ho, wo]
+                    if S == 1:                # unit stride: contiguous rows, vectorized copy
+                        for wo in range(Wo):
+                            col[c, kh, kw, j, ho, wo] = xp[n, c, ho + kh, wo + kw]
+                    else:
+                        for wo in range(Wo):
+                            col[c, kh, kw, j, ho, wo] = xp[n, c, ho * S + kh, wo * S + kw]
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
+def _col2im(dcol, n0, S, pad, dx):
+    """dx[n0+j] = dcol scattered back (+=) to the input positions it was copied from, then uncropped of
+    the padding; one (j, c) plane per task, accumulated in a local padded plane (fixed order)."""
+    N, C, H, W = dx.shape                     # dx N,C,H,W
+    _, K, _, nb, Ho, Wo = dcol.shape          # dcol C,K,K,nb,Ho,Wo
+    for r in range(nb * C):
+        j = r // C
+        c = r % C
+        plane = np.zeros((H + 2 * pad, W + 2 * pad), dx.dtype)   # Hp,Wp
+        for kh in range(K):
+            for kw in range(K):
+                for ho in range(Ho):
+                    if S == 1:
+                        for wo in range(Wo):
+                            plane[ho + kh, wo + kw] += dcol[c, kh, kw, j, ho, wo]
+                    else:
+                        for wo in range(Wo):
+                            plane[ho * S + kh, wo * S + kw] += dcol[c, kh, kw, j, ho, wo]
+        for h in range(H):
+            for w in range(W):
+                dx[n0 + j, c, h, w] = plane[h + pad, w + pad]
+
+
+@njit(nogil=True, cache=True)
 def _add_bias_to_nfp(y2d, b, n0, y):
     """y[n0+j, f, :] = y2d[f, j, :] + b[f]: bias add fused with the (F,nb,P) -> (N,F,P) reorder."""
     F, nb, P = y2d.shape                      # y2d F,nb,P
-    for r in prange(nb * F):
+    for r in range(nb * F):
         j = r // F
         f = r % F
         bf = b[f]
@@ -95,11 +96,11 @@ def _add_bias_to_nfp(y2d, b, n0, y):
             y[n0 + j, f, p] = y2d[f, j, p] + bf
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
 def _delta_to_fnp(dy, n0, dyT):
     """dyT[f, j, :] = dy[n0+j, f, :]: δ reordered (N,F,P) -> (F,nb,P) for the sgemms."""
     F, nb, P = dyT.shape                      # dyT F,nb,P
-    for r in prange(F * nb):
+    for r in range(F * nb):
         f = r // nb
         j = r % nb
         for p in range(P):
@@ -116,6 +117,22 @@ def _bias_grad(dy, db):
             for p in range(P):
                 acc += dy[n, f, p]
         db[f] = acc
+
+
+@njit(parallel=True, cache=True)
+def _zeropad(x, pad, xp):
+    """xp = x with `pad` zeros on all four sides."""
+    N, C, H, W = x.shape                      # x N,C,H,W
+    _, _, Hp, Wp = xp.shape                   # xp N,C,Hp,Wp
+    for r in prange(N * C):
+        n = r // C
+        c = r % C
+        for h in range(Hp):
+            for w in range(Wp):
+                xp[n, c, h, w] = 0
+        for h in range(H):
+            for w in range(W):
+                xp[n, c, h + pad, w + pad] = x[n, c, h, w]
 
 
 @njit(parallel=True, cache=True)
@@ -230,11 +247,77 @@ def _check_input(x, what):
 
 
 def _chunks(N, bytes_per_sample):
-    """Split range(N) into equal-ish (n0, nb) chunks of at most COL_CHUNK_BYTES of columns each."""
-    nb = max(1, min(N, COL_CHUNK_BYTES // max(1, bytes_per_sample)))
-    count = -(-N // nb)
+    """Split range(N) into (i, n0, nb) chunks of at most COL_CHUNK_BYTES of columns each, and at least one
+    per worker thread (a multiple of the thread count where the batch allows)."""
+    T = _workers()
+    count = max(-(-N * bytes_per_sample // COL_CHUNK_BYTES), 1)
+    count = min(N, -(-count // T) * T)
     nb = -(-N // count)
-    return [(n0, min(nb, N - n0)) for n0 in range(0, N, nb)]
+    return [(i, n0, min(nb, N - n0)) for i, n0 in enumerate(range(0, N, nb))]
+
+
+def _workers():
+    """The thread budget: numba's thread count, as set by cnnpipe.backends.set_threads."""
+    return max(1, numba.get_num_threads())
+
+
+_BLAS = None
+_POOL = None
+
+
+def _blas_libs():
+    """threadpoolctl controllers of every loaded BLAS (numpy's OpenBLAS; maybe others)."""
+    global _BLAS
+    if _BLAS is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _BLAS = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+        except Exception:  # pragma: no cover - threadpoolctl missing or unreadable: leave BLAS as it is
+            _BLAS = []
+    return _BLAS
+
+
+def _run_chunks(fn, chunks):
+    """Run fn(i, n0, nb) for every chunk: T worker threads take chunks t, t+T, ...; each runs nogil numba
+    kernels and single-threaded BLAS, so exactly T threads compute (no BLAS/numba oversubscription and no
+    spinning BLAS threads stealing the cores numba needs). BLAS threads are restored afterwards."""
+    global _POOL
+    T = min(_workers(), len(chunks))
+    libs = _blas_libs()
+    old = [lib.get_num_threads() for lib in libs]
+    for lib in libs:
+        lib.set_num_threads(1)
+    try:
+        if T == 1:
+            for c in chunks:
+                fn(*c)
+            return
+        if _POOL is None or _POOL[0] != os.getpid() or _POOL[1]._max_workers < T - 1:  # new after a fork
+            _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=T - 1, thread_name_prefix="cnnpipe-numba"))
+
+        def work(t):
+            for c in chunks[t::T]:
+                fn(*c)
+
+        futures = [_POOL[1].submit(work, t) for t in range(1, T)]
+        try:
+            work(0)                                      # the calling thread is worker 0
+        finally:
+            for f in futures:                            # every worker is done before buffers are reused
+                f.result()
+    finally:
+        for lib, n in zip(libs, old):
+            lib.set_num_threads(n)
+
+
+def _padded(x, pad):
+    """zeropad(x) in a reused work buffer (x itself when pad is 0)."""
+    if pad == 0:
+        return x
+    N, C, H, W = x.shape
+    xp = _scratch("xp", (N, C, H + 2 * pad, W + 2 * pad), x.dtype)   # N,C,Hp,Wp
+    _zeropad(x, pad, xp)
+    return xp
 
 
 def _out_size(n, k, s, p, what):
@@ -268,23 +351,29 @@ def conv2d_forward(x, w, b, stride=1, pad=0):
     Ho, Wo = _out_size(H, K, S, pad, "conv"), _out_size(W, K, S, pad, "conv")
     P, CKK = Ho * Wo, C * K * K
     y = np.empty((N, F, Ho, Wo), dt)                     # y N,F,Ho,Wo (fresh)
+    y3 = y.reshape(N, F, P)
     w2d = w.reshape(F, CKK)                              # F, C*K*K
-    for n0, nb in _chunks(N, CKK * P * dt.itemsize):
+    xp = _padded(x, pad)                                 # xp N,C,Hp,Wp
+
+    def chunk(i, n0, nb):
         col = _scratch("col", (C, K, K, nb, Ho, Wo), dt)
-        _im2col(x, n0, K, S, pad, col)
+        _im2col(xp, n0, S, col)
         y2d = _scratch("y2d", (F, nb, P), dt)            # F, nb, P
         np.dot(w2d, col.reshape(CKK, nb * P), out=y2d.reshape(F, nb * P))
-        _add_bias_to_nfp(y2d, b, n0, y.reshape(N, F, P))
+        _add_bias_to_nfp(y2d, b, n0, y3)
+
+    _run_chunks(chunk, _chunks(N, CKK * P * dt.itemsize))
     return y, (x, w, S, pad)
 
 
 def conv2d_backward(dy, cache, need_dx=True):
     """Rules 4 (without h'), 5, 6. dx = col2im(W2dᵀ @ δ2d), the transposed conv, i.e. the full conv of δ
-    with the flipped kernel (rule 4); dW = δ2d @ colᵀ, the valid correlation of zeropad(x) with δ (rule 5);
-    db = the sum of δ (rule 6). dx is None when need_dx is False (the first layer)."""
+    with the flipped kernel (rule 4); dW = δ2d @ colᵀ, the valid correlation of zeropad(x) with δ (rule 5),
+    one partial per batch chunk, summed in chunk order; db = the sum of δ (rule 6). dx is None when
+    need_dx is False (the first layer)."""
     x, w, S, pad = cache
     dt = x.dtype
-    dy = _as(dy, dt)                               # dy N,F,Ho,Wo
+    dy = _as(dy, dt)                                     # dy N,F,Ho,Wo
     N, C, H, W = x.shape
     F, _, K, _ = w.shape
     _, _, Ho, Wo = dy.shape
@@ -292,27 +381,29 @@ def conv2d_backward(dy, cache, need_dx=True):
     dy3 = dy.reshape(N, F, P)
     db = np.empty(F, dt)                                 # rule 6
     _bias_grad(dy3, db)
-    dw = np.empty((F, C, K, K), dt)                      # rule 5, chunks summed in fixed order
-    dw2d = dw.reshape(F, CKK)
     dx = np.empty((N, C, H, W), dt) if need_dx else None
     w2dT = w.reshape(F, CKK).T                           # C*K*K, F (a view; BLAS reads it transposed)
-    for i, (n0, nb) in enumerate(_chunks(N, CKK * P * dt.itemsize)):
-        col = _scratch("col", (C, K, K, nb, Ho, Wo), dt)
-        _im2col(x, n0, K, S, pad, col)
-        col2d = col.reshape(CKK, nb * P)
+    xp = _padded(x, pad)                                 # xp N,C,Hp,Wp
+    chunks = _chunks(N, CKK * P * dt.itemsize)
+    parts = [None] * len(chunks)                         # rule 5 partials, one per chunk
+
+    def chunk(i, n0, nb):
         dyT = _scratch("dyT", (F, nb, P), dt)            # δ as F, nb, P
         _delta_to_fnp(dy3, n0, dyT)
         dyT2d = dyT.reshape(F, nb * P)
-        if i == 0:
-            np.dot(dyT2d, col2d.T, out=dw2d)
-        else:
-            part = _scratch("dw", (F, CKK), dt)
-            np.dot(dyT2d, col2d.T, out=part)
-            dw2d += part
-        if need_dx:                                      # rule 4: reuse col's buffer for dcol
+        col = _scratch("col", (C, K, K, nb, Ho, Wo), dt)
+        col2d = col.reshape(CKK, nb * P)
+        _im2col(xp, n0, S, col)
+        parts[i] = np.dot(dyT2d, col2d.T)                # F, C*K*K
+        if need_dx:                                      # rule 4: dcol in col's buffer, then col2im
             np.dot(w2dT, dyT2d, out=col2d)
             _col2im(col, n0, S, pad, dx)
-    return dx, dw, db
+
+    _run_chunks(chunk, chunks)
+    dw2d = parts[0]
+    for part in parts[1:]:                               # fixed order: deterministic
+        dw2d += part
+    return dx, dw2d.reshape(F, C, K, K), db
 
 
 def pool2d_forward(x, size=2, stride=2, mode="max"):
@@ -350,9 +441,10 @@ def warmup(dtype=np.float32):
     x = rng.standard_normal((2, 2, 5, 5)).astype(dtype)
     w = rng.standard_normal((3, 2, 3, 3)).astype(dtype)
     b = np.zeros(3, dtype)
-    y, cache = conv2d_forward(x, w, b, 1, 1)
-    conv2d_backward(y, cache, need_dx=True)
-    conv2d_backward(y, cache, need_dx=False)
+    for stride in (1, 2):                                # direct (thin) and im2col + sgemm paths
+        y, cache = conv2d_forward(x, w, b, stride, 1)
+        conv2d_backward(y, cache, need_dx=True)
+        conv2d_backward(y, cache, need_dx=False)
     for mode in ("max", "mean"):
         p, pc = pool2d_forward(x, 2, 2, mode)
         pool2d_backward(p, pc)
