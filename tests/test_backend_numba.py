@@ -211,3 +211,23 @@ def test_registry_returns_this_module():
 def test_bad_input_raises_config_error(call):
     with pytest.raises(ConfigError):
         call()
+
+
+def test_conv_restores_blas_threads_and_handles_one_thread():
+    """Chunk workers run BLAS single-threaded; the caller's BLAS and numba thread counts come back."""
+    import numba
+    from threadpoolctl import threadpool_info
+    before = [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+    x, w, b, dy, S, P = _conv_data((4, 3, 9, 9, 5, 3, 1, 1), np.float64, seed=7)
+    y2, c2 = B.conv2d_forward(x, w, b, stride=S, pad=P)
+    g2 = B.conv2d_backward(dy, c2)
+    assert [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"] == before
+    n = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        y1, c1 = B.conv2d_forward(x, w, b, stride=S, pad=P)
+        g1 = B.conv2d_backward(dy, c1)
+    finally:
+        numba.set_num_threads(n)
+    for a, r in zip((y1, *g1), (y2, *g2)):
+        assert rel_err(a, r) <= 1e-12

@@ -144,17 +144,22 @@ def _maxpool_forward(x, R, S, y, arg):
         n = r // C
         c = r % C
         for ho in range(Ho):
+            yrow = y[n, c, ho]                # Wo: running max over the window offsets, row at a time
+            arow = arg[n, c, ho]              # Wo
+            first = x[n, c, ho * S, 0:(Wo - 1) * S + 1:S]
             for wo in range(Wo):
-                best = x[n, c, ho * S, wo * S]
-                bi = 0
-                for i in range(R):
-                    for j in range(R):
-                        v = x[n, c, ho * S + i, wo * S + j]
-                        if v > best or (v != v and best == best):  # first NaN wins, like np.argmax
-                            best = v
-                            bi = i * R + j
-                y[n, c, ho, wo] = best
-                arg[n, c, ho, wo] = bi
+                yrow[wo] = first[wo]
+                arow[wo] = 0
+            for o in range(1, R * R):         # row-major offsets; strict > keeps the first max
+                i = o // R
+                j = o % R
+                src = x[n, c, ho * S + i, j:j + (Wo - 1) * S + 1:S]
+                for wo in range(Wo):
+                    v = src[wo]
+                    best = yrow[wo]
+                    if v > best or (v != v and best == best):  # first NaN wins, like np.argmax
+                        yrow[wo] = v
+                        arow[wo] = o
 
 
 @njit(parallel=True, cache=True)
