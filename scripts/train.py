@@ -30,7 +30,11 @@ if __name__ == "__main__":
     sweep.check_plugins(sys.argv[1:])              # hydra/launcher=ray without the plugin: say which extra
     sys.argv += resume_run_dir_args(sys.argv[1:])
     check_output_dir_args(sys.argv[1:])
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:                      # Ctrl-C outside the training loop (start-up, shutdown)
+        print("interrupted.", file=sys.stderr)
+        sys.exit(130)
     if sweep.failed_jobs:                          # the summary lists them; the exit code says so too
         print(f"{len(sweep.failed_jobs)} job(s) of the sweep did not finish (see summary.md).", file=sys.stderr)
         sys.exit(1)

@@ -85,16 +85,14 @@ def test_checkpoint_needs_no_pickle_and_holds_the_state(compose_cfg, fashion_roo
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_position_and_resume_continues(tmp_path, fashion_root, sig):
-    run = tmp_path / "run"
+    run, epochs = tmp_path / "run", 40
     args = [PY, str(REPO / "scripts/train.py"), *_overrides(fashion_root, "numpy", **{
-        "data.limit_train": None, "trainer.epochs": "3", "model": "lenet5", "optim": "sgd", "trainer.log_every": "1"}),
-        f"hydra.run.dir={run}"]
+        "data.limit_train": None, "trainer.epochs": str(epochs), "model": "lenet5", "optim": "sgd"}),
+        "checkpoint.every_steps=5", f"hydra.run.dir={run}"]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    deadline = time.time() + 120                       # wait until training is under way (after the first step)
-    log = run / "train.log"
-    while time.time() < deadline and not (log.exists() and "data fashion_mnist" in log.read_text()):
-        time.sleep(0.2)
-    time.sleep(0.5)
+    deadline = time.time() + 180                       # wait until the loop runs: the first step checkpoint exists
+    while time.time() < deadline and not (run / "checkpoints" / "last.npz").exists() and p.poll() is None:
+        time.sleep(0.05)
     p.send_signal(sig)
     out, err = p.communicate(timeout=120)
     assert p.returncode == (130 if sig == signal.SIGINT else 143), err
@@ -102,11 +100,11 @@ def test_signal_saves_position_and_resume_continues(tmp_path, fashion_root, sig)
     assert f"resume={run}" in err and "Traceback" not in err
     ck = load_checkpoint(run)
     stopped_at = int(ck["trainer/step"])
-    assert 0 < stopped_at < 3 * 16
+    assert 0 < stopped_at < epochs * 16
     r = run_script("train.py", f"resume={run}")
     assert r.returncode == 0, r.stderr
     m = json.loads((run / "metrics.json").read_text())
-    assert m["epochs"] == 3 and m["steps"] == 3 * 16                    # 500 train samples / 32 = 16 steps
+    assert m["epochs"] == epochs and m["steps"] == epochs * 16                # 500 train samples / 32 = 16 steps
     assert f"resumed from {run}" in (run / "train.log").read_text()
 
 
