@@ -108,8 +108,9 @@ class Runner:
         return loss
 
 
-def time_training(runner, data, batch_size, steps=None):
-    """Seconds for `steps` training steps (None: one full epoch), batch preparation included."""
+def time_training(runner, data, batch_size, steps=None, budget_s=None):
+    """Seconds for `steps` training steps (None: one full epoch), batch preparation included; stops early once
+    budget_s seconds have passed (the epoch time is then extrapolated from the steps done)."""
     import numpy as np
     from cnnpipe.data import batches, num_batches
     kw = dict(mean=data.mean, std=data.std, dtype=np.float32)
@@ -122,12 +123,12 @@ def time_training(runner, data, batch_size, steps=None):
     losses, seen = [], 0
     t0 = time.perf_counter()
     for i, (x, y) in enumerate(batches(data.train, batch_size, shuffle_seed=[SEED, 0], **kw)):
-        if i == steps:
+        if i == steps or (budget_s and time.perf_counter() - t0 > budget_s):
             break
         losses.append(runner.step(x, y))
         seen += len(y)
     seconds = time.perf_counter() - t0
-    n = len(data.train)
+    n, steps = len(data.train), len(losses)
     return {"steps": steps, "samples": seen, "seconds": seconds, "full_epoch": steps == per_epoch,
             "epoch_samples": n, "seconds_per_epoch": seconds * n / seen, "samples_per_s": seen / seconds,
             "us_per_sample": 1e6 * seconds / seen, "ms_per_step": 1e3 * seconds / steps,
@@ -144,7 +145,7 @@ def worker_train(spec):
                       spec.get("limit_train"), spec.get("filters"))
     data = load_data(cfg.data, SEED)
     runner = Runner(cfg, spec["backend"], spec["threads"])
-    out = time_training(runner, data, spec["batch_size"], spec.get("steps"))
+    out = time_training(runner, data, spec["batch_size"], spec.get("steps"), spec.get("budget_s"))
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
@@ -411,13 +412,16 @@ def parse_args(argv):
     ap.add_argument("--steps", type=int, default=None, help="time this many steps per headline configuration "
                     "instead of a full epoch (the epoch time is then extrapolated and marked so)")
     ap.add_argument("--epochs-fraction", type=float, default=None, help="like --steps, as a fraction of an epoch")
+    ap.add_argument("--row-budget", type=float, default=60.0, help="seconds: a headline row still running after "
+                    "this stops there and its epoch time is extrapolated from the steps done (marked *); 0: no "
+                    "limit (default 60, so that the whole sweep stays under 10 minutes)")
     ap.add_argument("--models", nargs="+", default=["lenet5", "convnet"])
     ap.add_argument("--pools", nargs="+", default=["max", "mean"], choices=["max", "mean"])
     ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--scaling-batches", type=int, nargs="*", default=None, help="default 16 32 64 128 256")
     ap.add_argument("--scaling-samples", type=int, default=None,
-                    help="samples timed per scaling point (default 6400; --quick: 5 steps)")
+                    help="samples timed per scaling point (default 2048; --quick: 5 steps)")
     ap.add_argument("--filter-scales", type=float, nargs="*", default=[0.5, 1.0, 2.0],
                     help="convnet filter counts ×these (default 0.5 1 2: 16/32, 32/64, 64/128)")
     ap.add_argument("--threads", type=int, default=None, help="threads for every backend (default: all cores)")
@@ -448,11 +452,12 @@ def main(argv=None):
         steps = 20
     scale_batches = args.scaling_batches if args.scaling_batches is not None else (
         [bs] if args.quick else [16, 32, 64, 128, 256])
-    scale_samples = args.scaling_samples or (5 * max(scale_batches or [bs]) if args.quick else 6400)
+    scale_samples = args.scaling_samples or (5 * max(scale_batches or [bs]) if args.quick else 2048)
     base = {"data_root": data_root, "threads": threads, "limit_train": args.limit_train}
     report = {"command": "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": machine_info(threads), "load_avg_start": load_avg(), "batch_size": bs,
-              "headline_steps": steps or "full epoch", "warmup_steps": WARMUP_STEPS, "targets": {
+              "headline_steps": steps or "full epoch", "row_budget_s": args.row_budget or None,
+              "warmup_steps": WARMUP_STEPS, "targets": {
                   f"{m}/{b}": t for (m, b), t in TARGETS.items()}, "epochs": [], "kernels": {}, "scaling": {}}
     t_start = time.perf_counter()
     _check_data(data_root, args.limit_train)
@@ -461,7 +466,8 @@ def main(argv=None):
         for model in args.models:
             for pool in args.pools:
                 for backend in args.backends:
-                    spec = {**base, "model": model, "pool": pool, "backend": backend, "batch_size": bs, "steps": steps}
+                    spec = {**base, "model": model, "pool": pool, "backend": backend, "batch_size": bs,
+                            "steps": steps, "budget_s": args.row_budget or None}
                     r = run_worker("train", spec, timeout=900)
                     row = {"model": model, "pool": pool, "backend": backend, **r.get("result", {}),
                            **({"error": r["error"]} if "error" in r else {})}
@@ -555,12 +561,18 @@ def _table(header, rows, left=1):
 def render_markdown(rep):
     m = rep["machine"]
     out = ["# Benchmark: numpy and numba backends beside PyTorch", ""]
-    out.append(f"Measured {m['date']} on {m.get('cpu', '?')} ({m['cpus']} cores, {m['threads']} threads for every "
-               f"backend, {', '.join(m.get('simd', []))}; {m.get('mem_gb', '?')} GB), {m['platform']}, Python "
+    out.append(f"Measured {m['date']} on {m.get('cpu', '?')} ({m['cpus']} cores; threads for every backend: {m['threads']}; "
+               f"{', '.join(m.get('simd', []))}; {m.get('mem_gb', '?')} GB), {m['platform']}, Python "
                f"{m['python']}, numpy {m['numpy']}, numba {m['numba']}, torch {m['torch']}; BLAS: "
                f"{'; '.join(m.get('blas', [])) or '?'}. Environment: "
                f"{', '.join(f'{k}={v}' for k, v in m['env'].items()) or 'no BLAS/thread variables set'}. "
                f"Load average at start {rep['load_avg_start']}, at end {rep.get('load_avg_end')}.")
+    loads = [l[0] for l in (rep["load_avg_start"], rep.get("load_avg_end")) if l]
+    if loads and max(loads) > 0.5 * m["cpus"]:
+        out += ["", f"**Warning: the machine was busy** (1-minute load average up to {max(loads):.1f} on {m['cpus']} "
+                "cores, this benchmark included): multi-threaded timings suffer badly when another "
+                "process holds a core (every thread barrier waits for a time slice). Rerun on a quiet machine for "
+                "fair numbers."]
     out += ["", f"Command: `{rep['command']}` ({rep.get('total_seconds', 0):.0f} s in all).", ""]
     if rep["epochs"]:
         full = all(r.get("full_epoch") for r in rep["epochs"] if "error" not in r)
@@ -568,15 +580,18 @@ def render_markdown(rep):
                 f"Fashion-MNIST, 60,000 training images, batch {rep['batch_size']}, float32, SGD lr 0.05 momentum "
                 f"0.9; training loop only (batch preparation, forward, softmax-CE, backward, optimizer step), after "
                 f"{rep['warmup_steps']} untimed warm-up steps. "
-                + ("Full epochs." if full else f"**Not full epochs**: {rep['headline_steps']} steps each, the epoch "
-                   "time extrapolated (marked *).")
+                + ("Full epochs." if full else "Full epochs except the rows marked *: those stopped after "
+                   + (f"{rep['headline_steps']} steps" if rep["headline_steps"] != "full epoch" else "")
+                   + (" or " if rep["headline_steps"] != "full epoch" and rep.get("row_budget_s") else "")
+                   + (f"{rep['row_budget_s']:.0f} s" if rep.get("row_budget_s") else "")
+                   + ", and their epoch time is extrapolated from the steps done (steps column).")
                 + " Every row is its own process; peak RSS is that process's maximum resident set (it includes "
                 "the imported torch/torchvision, which the data loader needs for every backend).", ""]
         rows = []
         for r in rep["epochs"]:
             name = [r["model"], r["pool"], r["backend"]]
             if "error" in r:
-                rows.append([*name, "failed", "", "", "", "", r["error"][:80]])
+                rows.append([*name, "failed", "", "", "", "", "", r["error"][:80]])
                 continue
             star = "" if r["full_epoch"] else "*"
             ratio = f"{r['ratio_to_torch']:.2f}×" if "ratio_to_torch" in r else ""
@@ -589,9 +604,9 @@ def render_markdown(rep):
             if r["model"] in RSS_TARGET_MB:
                 rss += f" (≤ {RSS_TARGET_MB[r['model']]} {'✅' if r['peak_rss_mb'] <= RSS_TARGET_MB[r['model']] else '❌'})"
             rows.append([*name, f"{r['seconds_per_epoch']:.2f}{star}", f"{r['samples_per_s']:,.0f}", ratio, target,
-                         rss, f"{r['loss_mean']:.3f}"])
+                         rss, r["steps"], f"{r['loss_mean']:.3f}"])
         out += [_table(["model", "pool", "backend", "s/epoch", "samples/s", "× PyTorch", "target", "peak RSS MB",
-                        "mean loss"], rows, left=3), ""]
+                        "steps", "mean loss"], rows, left=3), ""]
         out.append("The mean training loss over the timed steps shows that the three train the same network from the "
                    "same weights on the same batches (convnet: up to its dropout masks, which differ).")
         out.append("")
