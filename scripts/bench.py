@@ -221,7 +221,8 @@ def worker_kernels(spec):
                 if spec["backend"] == "torch":
                     xt, wt, bt, dyt = (torch.from_numpy(a) for a in (x, w, b, dy))
                     ops["conv forward"] = _no_grad(torch, lambda: F.conv2d(xt, wt, bt, S, P))
-                    xg, wg, bg = xt.clone().requires_grad_(need_dx), wt.clone().requires_grad_(), bt.clone().requires_grad_()
+                    xg = xt.clone().requires_grad_(need_dx)
+                    wg, bg = wt.clone().requires_grad_(), bt.clone().requires_grad_()
                     yg = F.conv2d(xg, wg, bg, S, P)
                     inputs = [xg, wg, bg] if need_dx else [wg, bg]
                     ops["conv backward"] = lambda: torch.autograd.grad(yg, inputs, dyt, retain_graph=True)
@@ -538,7 +539,8 @@ def _epoch_line(r):
 
 
 def _add_ratios(rows):
-    ref = {(r["model"], r["pool"]): r["seconds_per_epoch"] for r in rows if r["backend"] == "torch" and "error" not in r}
+    ref = {(r["model"], r["pool"]): r["seconds_per_epoch"] for r in rows
+           if r["backend"] == "torch" and "error" not in r}
     for r in rows:
         t = ref.get((r["model"], r["pool"]))
         if t and "error" not in r:
@@ -553,7 +555,8 @@ def _add_ratios(rows):
 
 def _table(header, rows, left=1):
     """A markdown table; the first `left` columns are text (left-aligned), the rest numbers."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < left else "---:" for i in range(len(header))) + "|"]
+    align = ["---" if i < left else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -561,7 +564,8 @@ def _table(header, rows, left=1):
 def render_markdown(rep):
     m = rep["machine"]
     out = ["# Benchmark: numpy and numba backends beside PyTorch", ""]
-    out.append(f"Measured {m['date']} on {m.get('cpu', '?')} ({m['cpus']} cores; threads for every backend: {m['threads']}; "
+    out.append(f"Measured {m['date']} on {m.get('cpu', '?')} ({m['cpus']} cores; threads for every backend: "
+               f"{m['threads']}; "
                f"{', '.join(m.get('simd', []))}; {m.get('mem_gb', '?')} GB), {m['platform']}, Python "
                f"{m['python']}, numpy {m['numpy']}, numba {m['numba']}, torch {m['torch']}; BLAS: "
                f"{'; '.join(m.get('blas', [])) or '?'}. Environment: "
@@ -602,7 +606,8 @@ def render_markdown(rep):
                 target = "—"
             rss = f"{r['peak_rss_mb']:.0f}"
             if r["model"] in RSS_TARGET_MB:
-                rss += f" (≤ {RSS_TARGET_MB[r['model']]} {'✅' if r['peak_rss_mb'] <= RSS_TARGET_MB[r['model']] else '❌'})"
+                limit = RSS_TARGET_MB[r["model"]]
+                rss += f" (≤ {limit} {'✅' if r['peak_rss_mb'] <= limit else '❌'})"
             rows.append([*name, f"{r['seconds_per_epoch']:.2f}{star}", f"{r['samples_per_s']:,.0f}", ratio, target,
                          rss, r["steps"], f"{r['loss_mean']:.3f}"])
         out += [_table(["model", "pool", "backend", "s/epoch", "samples/s", "× PyTorch", "target", "peak RSS MB",
@@ -620,7 +625,8 @@ def render_markdown(rep):
         order = next(iter(rep["kernels"].values()))
         keys = [(r["model"], r["layer"], r["op"]) for r in (order if isinstance(order, list) else [])]
         bk = [b for b in BACKENDS if b in k]
-        header = ["model", "layer", "op"] + [f"{b} ms" for b in bk] + [f"{b} / torch" for b in bk if b != "torch" and "torch" in k]
+        header = (["model", "layer", "op"] + [f"{b} ms" for b in bk]
+                  + [f"{b} / torch" for b in bk if b != "torch" and "torch" in k])
         rows = []
         for key in keys:
             row = list(key) + [f"{k[b].get(key, float('nan')):.3f}" for b in bk]
@@ -657,7 +663,8 @@ def render_markdown(rep):
                 out.append(f"scaling {b}: {v['error']}")
     s = rep.get("startup")
     if s:
-        out += ["## Start-up", "", "`python scripts/train.py backend=numba` (default lenet5, Fashion-MNIST) from launch "
+        out += ["## Start-up", "", "`python scripts/train.py backend=numba` (default lenet5, Fashion-MNIST) from "
+                "launch "
                 "to its first finished training step (seen as the trainer's `step 1` debug line: "
                 "`trainer.max_steps=1 trainer.log_every=1 hydra.verbose=cnnpipe`). "
                 + ("Cold: a fresh, empty `NUMBA_CACHE_DIR`, so every kernel compiles; warm: the same directory "
@@ -675,7 +682,8 @@ def render_markdown(rep):
                 continue
             target = ""
             if key == "numba_warm":
-                target = f"≤ {WARM_START_TARGET_S:.0f} s {'✅' if r['to_first_step_s'] <= WARM_START_TARGET_S else '❌'}"
+                ok = r["to_first_step_s"] <= WARM_START_TARGET_S
+                target = f"≤ {WARM_START_TARGET_S:.0f} s {'✅' if ok else '❌'}"
             f = lambda v: "" if v is None else f"{v:.2f}"
             rows.append([label, f(r.get("to_model_s")), f(r.get("to_data_s")), f(r["to_first_step_s"]), target])
         out += [_table(["run", "to model s", "to data s", "to first step s", "target"], rows), ""]
