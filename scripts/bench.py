@@ -430,6 +430,8 @@ def parse_args(argv):
     ap.add_argument("--limit-train", type=int, default=None, help="data.limit_train (tests: a small split)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["epochs", "kernels", "scaling", "startup"])
     ap.add_argument("--startup-rounds", type=int, default=None, help="warm start-up runs (default 2; quick 1)")
+    ap.add_argument("--readme", default=None, help="also write the README's benchmark section (the headline table, "
+                    "the machine, the command) to this file, e.g. docs/README_bench.md")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -510,6 +512,8 @@ def main(argv=None):
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     md = render_markdown(report)
     out.with_suffix(".md").write_text(md)
+    if args.readme:
+        Path(args.readme).write_text(render_readme(md, out.with_suffix(".md")))
     print(md)
     failed = [r for r in report["epochs"] if "error" in r]
     if failed:
@@ -559,6 +563,18 @@ def _table(header, rows, left=1):
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def render_readme(md, md_path):
+    """The README's section: the machine line, the training-epoch table, the start-up table and the command."""
+    parts = md.split("\n## ")
+    head = parts[0].split("\n", 2)[2].strip()                        # machine, warning, command
+    keep = [p for p in parts[1:] if p.startswith(("Training epochs", "Start-up"))]
+    body = "\n\n".join("### " + p.strip() for p in keep)
+    js = md_path.with_suffix(".json")
+    return (f"## Speed: numpy and numba beside PyTorch\n\n{head}\n\n{body}\n\nPer-kernel times and how the cost "
+            f"grows with batch size and filter count: [{md_path.as_posix()}]({md_path.as_posix()}) (all numbers: "
+            f"[{js.as_posix()}]({js.as_posix()})).\n")
 
 
 def render_markdown(rep):
