@@ -413,16 +413,16 @@ def parse_args(argv):
     ap.add_argument("--steps", type=int, default=None, help="time this many steps per headline configuration "
                     "instead of a full epoch (the epoch time is then extrapolated and marked so)")
     ap.add_argument("--epochs-fraction", type=float, default=None, help="like --steps, as a fraction of an epoch")
-    ap.add_argument("--row-budget", type=float, default=60.0, help="seconds: a headline row still running after "
+    ap.add_argument("--row-budget", type=float, default=20.0, help="seconds: a headline row still running after "
                     "this stops there and its epoch time is extrapolated from the steps done (marked *); 0: no "
-                    "limit (default 60, so that the whole sweep stays under 10 minutes)")
+                    "limit (default 20, so that the whole sweep stays under 10 minutes)")
     ap.add_argument("--models", nargs="+", default=["lenet5", "convnet"])
     ap.add_argument("--pools", nargs="+", default=["max", "mean"], choices=["max", "mean"])
     ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--scaling-batches", type=int, nargs="*", default=None, help="default 16 32 64 128 256")
     ap.add_argument("--scaling-samples", type=int, default=None,
-                    help="samples timed per scaling point (default 2048; --quick: 5 steps)")
+                    help="samples timed per scaling point (default 1024; --quick: 5 steps)")
     ap.add_argument("--filter-scales", type=float, nargs="*", default=[0.5, 1.0, 2.0],
                     help="convnet filter counts ×these (default 0.5 1 2: 16/32, 32/64, 64/128)")
     ap.add_argument("--threads", type=int, default=None, help="threads for every backend (default: all cores)")
@@ -455,7 +455,7 @@ def main(argv=None):
         steps = 20
     scale_batches = args.scaling_batches if args.scaling_batches is not None else (
         [bs] if args.quick else [16, 32, 64, 128, 256])
-    scale_samples = args.scaling_samples or (5 * max(scale_batches or [bs]) if args.quick else 2048)
+    scale_samples = args.scaling_samples or (5 * max(scale_batches or [bs]) if args.quick else 1024)
     base = {"data_root": data_root, "threads": threads, "limit_train": args.limit_train}
     report = {"command": "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": machine_info(threads), "load_avg_start": load_avg(), "batch_size": bs,
