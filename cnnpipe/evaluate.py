@@ -22,7 +22,7 @@ def evaluate_checkpoint(path, overrides: list[str] = ()):
         raise ConfigError(f"evaluate.py accepts only data.*, backend.* and trainer.eval_batch_size overrides "
                           f"(the architecture comes from the checkpoint); got: {', '.join(bad)}.")
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    set_threads(cfg.backend.threads)
+    set_threads(cfg.backend.threads, cfg.backend.name)
     model = build_model(cfg, get_backend(cfg.backend.name))
     check_params(model, ckpt)
     model.load_params({k[6:]: v for k, v in ckpt.items() if k.startswith("param/")})

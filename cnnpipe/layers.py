@@ -233,18 +233,21 @@ class Dense(Layer):
                        "b": np.zeros(self.units, dtype=dtype)}                                    # U
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
         self.in_shape, self.out_shape = tuple(in_shape), (self.units,)
+        self.B = backend
         return self.out_shape
 
     def forward(self, x, train):
         self.x = x                                                   # N,D
-        return x @ self.params["W"].T + self.params["b"]            # N,U
+        y = self.B.matmul(x, self.params["W"].T)                     # N,U
+        y += self.params["b"]
+        return y
 
     def backward(self, delta):
         """MLP backprop: ∂L/∂W = δᵀx, ∂L/∂b = Σδ, δ to the input = δW (rule 1 carries it on)."""
         self.delta = delta                                           # N,U
-        self.grads["W"] = delta.T @ self.x                           # U,D
+        self.grads["W"] = self.B.matmul(delta.T, self.x)             # U,D
         self.grads["b"] = delta.sum(axis=0)                          # U
-        return delta @ self.params["W"] if self.need_dx else None   # N,D
+        return self.B.matmul(delta, self.params["W"]) if self.need_dx else None   # N,D
 
     def flops(self):
         return 2 * self.in_shape[0] * self.units

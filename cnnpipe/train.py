@@ -48,7 +48,7 @@ class Trainer:
                               f"trainer.epochs={cfg.trainer.epochs}: the seed and epochs must be >= 0 and the batch "
                               f"size >= 1.")
         self.dtype = np.dtype(cfg.dtype)
-        self.threads = set_threads(cfg.backend.threads)
+        self.threads = set_threads(cfg.backend.threads, cfg.backend.name)
         self.backend = get_backend(cfg.backend.name)
         self.model = build_model(cfg, self.backend)          # shape checks happen here, before any data
         check_writable(self.run_dir)

@@ -74,7 +74,7 @@ class Runner:
         from cnnpipe.backends import get_backend, set_threads
         from cnnpipe.model import build_model
         from cnnpipe.optim import build_optimizer
-        set_threads(threads)
+        set_threads(threads, backend)
         self.kind, self.lr = backend, float(cfg.optim.lr)
         B = get_backend("numpy" if backend == "torch" else backend)
         self.model = build_model(cfg, B)

@@ -28,13 +28,21 @@ def get_backend(name: str):
                           f"or choose another backend: {', '.join(BACKENDS)}.") from None
 
 
-def set_threads(n: int | None) -> int:
-    """Limit BLAS (and numba, if loaded) to n threads; None means all cores. Returns n used."""
+def set_threads(n: int | None, backend: str | None = None) -> int:
+    """Limit the compute threads to n (None: all cores). Returns n used.
+
+    numpy backend (or None): BLAS and numba (if loaded) get n threads.
+    numba backend: numba gets n threads and BLAS one. Its kernels hand every GEMM (conv and dense) to
+    its own n workers, each calling single-threaded BLAS; a multi-threaded OpenBLAS call in between
+    would leave OpenBLAS workers spinning on the cores the next numba region needs (measured: a LeNet
+    step 2-3x slower)."""
     import os
     n = int(n) if n else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     try:
         from threadpoolctl import threadpool_limits
         threadpool_limits(limits=n)
+        if backend == "numba":
+            threadpool_limits(limits=1, user_api="blas")
     except ImportError:  # pragma: no cover
         pass
     try:

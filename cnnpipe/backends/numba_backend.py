@@ -15,6 +15,8 @@ How the work is split (PERF_NOTES.md):
   with the flipped kernel. Rule 6 db is a fixed-order sum. Columns are rebuilt in backward instead of
   being kept, so memory stays bounded for any batch size.
 - pools: direct loops, prange over (n, c) planes, so threads write disjoint memory.
+- dense layers (matmul): rows split over the same workers, single-threaded BLAS, so no OpenBLAS thread
+  is left spinning on a core that the next numba region needs.
 Every kernel is deterministic for a fixed thread count: parallel loops write disjoint outputs and every
 reduction runs in one fixed order. Work buffers are reused per thread; returned arrays are always fresh.
 """
@@ -288,9 +290,8 @@ def _run_chunks(fn, chunks):
     spinning BLAS threads stealing the cores numba needs). BLAS threads are restored afterwards."""
     global _POOL
     T = min(_workers(), len(chunks))
-    libs = _blas_libs()
-    old = [lib.get_num_threads() for lib in libs]
-    for lib in libs:
+    libs = [(lib, n) for lib in _blas_libs() if (n := lib.get_num_threads()) != 1]   # already 1: leave alone
+    for lib, _ in libs:                                  # (setting it wakes OpenBLAS's threads)
         lib.set_num_threads(1)
     try:
         if T == 1:
@@ -311,7 +312,7 @@ def _run_chunks(fn, chunks):
             for f in futures:                            # every worker is done before buffers are reused
                 f.result()
     finally:
-        for lib, n in zip(libs, old):
+        for lib, n in libs:
             lib.set_num_threads(n)
 
 
@@ -438,6 +439,29 @@ def pool2d_backward(dy, cache):
     else:
         _meanpool_backward(dy, R, S, dx)
     return dx
+
+
+MATMUL_SPLIT_FLOPS = 4e6  # below this a dense product runs in the calling thread (a hand-off costs more)
+
+
+def matmul(a, b):
+    """a @ b for the dense layers (forward x Wᵀ, backward δᵀx and δW): the rows of `a` split over the same
+    T worker threads as the conv chunks, each with single-threaded BLAS. Letting OpenBLAS thread these
+    itself would leave its workers spinning (~0.1 s, OPENBLAS_THREAD_TIMEOUT) on the cores that the next
+    numba parallel region needs; every output row is one worker's sgemm, so the result is deterministic."""
+    M, K = a.shape                                       # a M,K (any strides, e.g. δᵀ)
+    N = b.shape[1]                                       # b K,N
+    out = np.empty((M, N), np.result_type(a, b))         # M,N (fresh)
+    a = a if a.dtype == out.dtype else a.astype(out.dtype)
+    b = b if b.dtype == out.dtype else b.astype(out.dtype)
+    parts = _workers() if 2.0 * M * N * K >= MATMUL_SPLIT_FLOPS else 1
+    step = -(-M // min(parts, M))
+
+    def rows(i, r0, nr):
+        np.dot(a[r0:r0 + nr], b, out=out[r0:r0 + nr])
+
+    _run_chunks(rows, [(i, r0, min(step, M - r0)) for i, r0 in enumerate(range(0, M, step))])
+    return out
 
 
 def warmup(dtype=np.float32):

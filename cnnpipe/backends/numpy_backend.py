@@ -236,3 +236,10 @@ def pool2d_backward(dy, cache):
         else:  # overlapping windows accumulate
             dxo += d
     return dx
+
+
+# ----------------------------------------------------------------------------- dense layers
+
+def matmul(a, b):
+    """a @ b for the dense layers (forward x Wᵀ, backward δᵀx and δW): numpy's BLAS, its own threads."""
+    return a @ b
