@@ -231,3 +231,28 @@ def test_conv_restores_blas_threads_and_handles_one_thread():
         numba.set_num_threads(n)
     for a, r in zip((y1, *g1), (y2, *g2)):
         assert rel_err(a, r) <= 1e-12
+
+
+def test_kept_columns_equal_rebuilt_columns(monkeypatch):
+    """Forward keeps its columns for backward when they fit; rebuilding them instead (a big batch, or a
+    second backward on the same cache) gives bit-identical gradients, even if the thread count changed."""
+    import numba
+    x, w, b, dy, S, P = _conv_data((6, 4, 11, 11, 5, 3, 2, 1), np.float32, seed=11)
+    y, c = B.conv2d_forward(x, w, b, stride=S, pad=P)
+    assert c[4][0] is not None                           # kept: small batch
+    n = numba.get_num_threads()
+    numba.set_num_threads(1)                             # backward chunks would differ from forward's
+    try:
+        kept = B.conv2d_backward(dy, c)
+    finally:
+        numba.set_num_threads(n)
+    assert c[4][0] is None                               # used once, handed back
+    again = B.conv2d_backward(dy, c)                     # rebuilt from x
+    monkeypatch.setattr(B, "KEEP_COL_BYTES", 0)
+    y0, c0 = B.conv2d_forward(x, w, b, stride=S, pad=P)
+    assert c0[4][0] is None                              # too big to keep: rebuilt in backward
+    rebuilt = B.conv2d_backward(dy, c0)
+    np.testing.assert_array_equal(y, y0)
+    for k, a, r in zip(kept, again, rebuilt):
+        np.testing.assert_array_equal(k, r)
+        np.testing.assert_array_equal(a, r)

@@ -12,8 +12,9 @@ How the work is split (PERF_NOTES.md):
   the (F,nb,P) -> (N,F,P) reorder.
   backward per chunk: δ reordered to (F,nb,P); rule 5 dW part = δ2d @ colᵀ (parts summed in chunk order);
   rule 4 dx = col2im(W2dᵀ @ δ2d), the transposed convolution, which equals the full convolution of δ
-  with the flipped kernel. Rule 6 db is a fixed-order sum. Columns are rebuilt in backward instead of
-  being kept, so memory stays bounded for any batch size.
+  with the flipped kernel. Rule 6 db is a fixed-order sum. Forward keeps the batch's columns for backward
+  when they fit KEEP_COL_BYTES (a training batch); bigger ones are rebuilt in backward, so memory stays
+  bounded for any batch size. Kept column buffers go back to a small spare list once backward used them.
 - pools: direct loops, prange over (n, c) planes, so threads write disjoint memory.
 - dense layers (matmul): rows split over the same workers, single-threaded BLAS, so no OpenBLAS thread
   is left spinning on a core that the next numba region needs.
@@ -37,6 +38,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
 COL_CHUNK_BYTES = 4 << 20  # im2col bytes per batch chunk: big enough for an efficient sgemm, small for L3
+KEEP_COL_BYTES = 64 << 20  # forward keeps a batch's columns up to this size for backward (else rebuilt)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -236,6 +238,22 @@ def _scratch(role, shape, dtype):
     return buf[:size].reshape(shape)
 
 
+_spare = {}                                 # (size, dtype) -> flat column buffers backward handed back
+
+
+def _take(size, dtype):
+    """A flat work buffer of `size` elements for kept columns: a spare one if backward returned one."""
+    spare = _spare.get((size, np.dtype(dtype).str))
+    return spare.pop() if spare else np.empty(size, dtype)
+
+
+def _give_back(buf):
+    """Backward is done with kept columns: keep up to two spares per size for the next forward."""
+    spare = _spare.setdefault((buf.size, buf.dtype.str), [])
+    if len(spare) < 2:
+        spare.append(buf)
+
+
 def _as(a, dtype):
     """C-contiguous array of `dtype` (no copy when it already is)."""
     return np.ascontiguousarray(a, dtype=dtype)
@@ -342,7 +360,8 @@ def _out_size(n, k, s, p, what):
 # the contract
 
 def conv2d_forward(x, w, b, stride=1, pad=0):
-    """y = zeropad(x) ⋆ w + b (cross-correlation, like PyTorch); the cache keeps x and w, not columns."""
+    """y = zeropad(x) ⋆ w + b (cross-correlation, like PyTorch); the cache keeps x and w, and the columns
+    when they fit KEEP_COL_BYTES (backward then skips its im2col)."""
     x = _check_input(x, "conv2d_forward input x")       # x N,C,H,W
     dt = x.dtype
     w = _as(w, dt)                                       # w F,C,K,K
@@ -360,16 +379,21 @@ def conv2d_forward(x, w, b, stride=1, pad=0):
     y3 = y.reshape(N, F, P)
     w2d = w.reshape(F, CKK)                              # F, C*K*K
     xp = _padded(x, pad)                                 # xp N,C,Hp,Wp
+    kept = _take(N * CKK * P, dt) if N * CKK * P * dt.itemsize <= KEEP_COL_BYTES else None
 
     def chunk(i, n0, nb):
-        col = _scratch("col", (C, K, K, nb, Ho, Wo), dt)
+        if kept is None:
+            col = _scratch("col", (C, K, K, nb, Ho, Wo), dt)
+        else:                                            # chunk i's columns, kept for backward
+            col = kept[n0 * CKK * P:(n0 + nb) * CKK * P].reshape(C, K, K, nb, Ho, Wo)
         _im2col(xp, n0, S, col)
         y2d = _scratch("y2d", (F, nb, P), dt)            # F, nb, P
         np.dot(w2d, col.reshape(CKK, nb * P), out=y2d.reshape(F, nb * P))
         _add_bias_to_nfp(y2d, b, n0, y3)
 
-    _run_chunks(chunk, _chunks(N, CKK * P * dt.itemsize))
-    return y, (x, w, S, pad)
+    chunks = _chunks(N, CKK * P * dt.itemsize)
+    _run_chunks(chunk, chunks)
+    return y, (x, w, S, pad, [kept, chunks])
 
 
 def conv2d_backward(dy, cache, need_dx=True):
@@ -377,7 +401,9 @@ def conv2d_backward(dy, cache, need_dx=True):
     with the flipped kernel (rule 4); dW = δ2d @ colᵀ, the valid correlation of zeropad(x) with δ (rule 5),
     one partial per batch chunk, summed in chunk order; db = the sum of δ (rule 6). dx is None when
     need_dx is False (the first layer)."""
-    x, w, S, pad = cache
+    x, w, S, pad, keep = cache
+    kept, fwd_chunks = keep
+    keep[0] = None                                       # kept columns serve one backward (then rebuilt)
     dt = x.dtype
     dy = _as(dy, dt)                                     # dy N,F,Ho,Wo
     N, C, H, W = x.shape
@@ -389,23 +415,28 @@ def conv2d_backward(dy, cache, need_dx=True):
     _bias_grad(dy3, db)
     dx = np.empty((N, C, H, W), dt) if need_dx else None
     w2dT = w.reshape(F, CKK).T                           # C*K*K, F (a view; BLAS reads it transposed)
-    xp = _padded(x, pad)                                 # xp N,C,Hp,Wp
-    chunks = _chunks(N, CKK * P * dt.itemsize)
+    xp = _padded(x, pad) if kept is None else None      # xp N,C,Hp,Wp
+    chunks = _chunks(N, CKK * P * dt.itemsize) if kept is None else fwd_chunks   # kept: laid out by these
     parts = [None] * len(chunks)                         # rule 5 partials, one per chunk
 
     def chunk(i, n0, nb):
         dyT = _scratch("dyT", (F, nb, P), dt)            # δ as F, nb, P
         _delta_to_fnp(dy3, n0, dyT)
         dyT2d = dyT.reshape(F, nb * P)
-        col = _scratch("col", (C, K, K, nb, Ho, Wo), dt)
+        if kept is None:
+            col = _scratch("col", (C, K, K, nb, Ho, Wo), dt)
+            _im2col(xp, n0, S, col)
+        else:
+            col = kept[n0 * CKK * P:(n0 + nb) * CKK * P].reshape(C, K, K, nb, Ho, Wo)
         col2d = col.reshape(CKK, nb * P)
-        _im2col(xp, n0, S, col)
         parts[i] = np.dot(dyT2d, col2d.T)                # F, C*K*K
         if need_dx:                                      # rule 4: dcol in col's buffer, then col2im
             np.dot(w2dT, dyT2d, out=col2d)
             _col2im(col, n0, S, pad, dx)
 
     _run_chunks(chunk, chunks)
+    if kept is not None:
+        _give_back(kept)
     dw2d = parts[0]
     for part in parts[1:]:                               # fixed order: deterministic
         dw2d += part
