@@ -431,7 +431,8 @@ def parse_args(argv):
     ap.add_argument("--skip", nargs="*", default=[], choices=["epochs", "kernels", "scaling", "startup"])
     ap.add_argument("--startup-rounds", type=int, default=None, help="warm start-up runs (default 2; quick 1)")
     ap.add_argument("--readme", default=None, help="also write the README's benchmark section (the headline table, "
-                    "the machine, the command) to this file, e.g. docs/README_bench.md")
+                    "the machine, the command) into this file: between its '<!-- bench:start -->' and "
+                    "'<!-- bench:end -->' lines if it has them (README.md), else the whole file")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -513,7 +514,7 @@ def main(argv=None):
     md = render_markdown(report)
     out.with_suffix(".md").write_text(md)
     if args.readme:
-        Path(args.readme).write_text(render_readme(md, out.with_suffix(".md")))
+        write_readme_section(Path(args.readme), render_readme(md, out.with_suffix(".md")))
     print(md)
     failed = [r for r in report["epochs"] if "error" in r]
     if failed:
@@ -565,14 +566,28 @@ def _table(header, rows, left=1):
     return "\n".join(lines)
 
 
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def write_readme_section(path, section):
+    """Replace what lies between the README's bench markers with `section` (no markers: write the file)."""
+    text = path.read_text() if path.exists() else ""
+    if README_START in text and README_END in text.split(README_START, 1)[1]:
+        before, rest = text.split(README_START, 1)
+        after = rest.split(README_END, 1)[1]
+        path.write_text(f"{before}{README_START}\n{section}{README_END}{after}")
+    else:
+        path.write_text(section)
+
+
 def render_readme(md, md_path):
     """The README's section: the machine line, the training-epoch table, the start-up table and the command."""
     parts = md.split("\n## ")
     head = parts[0].split("\n", 2)[2].strip()                        # machine, warning, command
     keep = [p for p in parts[1:] if p.startswith(("Training epochs", "Start-up"))]
-    body = "\n\n".join("### " + p.strip() for p in keep)
+    body = "\n\n".join("#### " + p.strip() for p in keep)
     js = md_path.with_suffix(".json")
-    return (f"## Speed: numpy and numba beside PyTorch\n\n{head}\n\n{body}\n\nPer-kernel times and how the cost "
+    return (f"### Results: numpy and numba beside PyTorch\n\n{head}\n\n{body}\n\nPer-kernel times and how the cost "
             f"grows with batch size and filter count: [{md_path.as_posix()}]({md_path.as_posix()}) (all numbers: "
             f"[{js.as_posix()}]({js.as_posix()})).\n")
 

@@ -256,3 +256,16 @@ def test_kept_columns_equal_rebuilt_columns(monkeypatch):
     for k, a, r in zip(kept, again, rebuilt):
         np.testing.assert_array_equal(k, r)
         np.testing.assert_array_equal(a, r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("M,K,N", [(3, 5, 2), (64, 400, 120), (120, 64, 400), (257, 300, 33)])
+def test_matmul_agrees_with_numpy(dtype, M, K, N):
+    """The dense layers' product: rows split over the workers (large) or one call (small), any strides."""
+    rng = np.random.default_rng(M * N + K)
+    a = rng.standard_normal((K, M)).astype(dtype).T                     # a transposed view, like δᵀ
+    b = rng.standard_normal((N, K)).astype(dtype).T                     # like Wᵀ
+    got = B.matmul(a, b)
+    assert got.shape == (M, N) and got.dtype == dtype and got.flags.c_contiguous
+    assert rel_err(got, a.astype(np.float64) @ b.astype(np.float64)) <= (1e-5 if dtype == np.float32 else 1e-12)
+    np.testing.assert_array_equal(got, B.matmul(a, b))                  # deterministic

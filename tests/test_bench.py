@@ -13,8 +13,10 @@ from conftest import run_script
 
 def test_bench_quick_writes_json_and_markdown(fashion_root, tmp_path):
     out = tmp_path / "bench"
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\n<!-- bench:start -->\nold table\n<!-- bench:end -->\n\n## next section\n")
     r = run_script("bench.py", "--quick", "--out", str(out), "--data-root", str(fashion_root), "--limit-train", "600",
-                   "--models", "lenet5", "--pools", "max", "--skip", "scaling", timeout=600)
+                   "--models", "lenet5", "--pools", "max", "--skip", "scaling", "--readme", str(readme), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(out.with_suffix(".json").read_text())
 
@@ -44,3 +46,7 @@ def test_bench_quick_writes_json_and_markdown(fashion_root, tmp_path):
     for heading in ("## Training epochs", "## Kernels", "## Start-up"):
         assert heading in md
     assert "lenet5 | max | numba" in md and "≤ 1.0×" in md
+
+    text = readme.read_text()                                            # the section replaced between the markers
+    assert text.startswith("# title\n\n<!-- bench:start -->\n### Results") and text.endswith("<!-- bench:end -->\n\n## next section\n")
+    assert "old table" not in text and "lenet5 | max | numba" in text
