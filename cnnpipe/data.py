@@ -27,6 +27,7 @@ import shutil
 import socket
 import struct
 import tempfile
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -86,6 +87,19 @@ class DataBundle:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+
+def preload_torchvision():
+    """Import torchvision (and with it torch: seconds) in a background thread, so that it overlaps the numba
+    warm-up; load_data's own import then finds it done or waits for it. An import error is left for that
+    import to report."""
+    def work():
+        with contextlib.suppress(Exception):
+            import torchvision.datasets  # noqa: F401
+
+    thread = threading.Thread(target=work, name="cnnpipe-preload", daemon=True)
+    thread.start()
+    return thread
 
 
 def dataset_class(name):

@@ -18,7 +18,7 @@ import numpy as np
 
 from cnnpipe import ConfigError
 from cnnpipe.backends import get_backend, set_threads
-from cnnpipe.data import batches, load_data, num_batches
+from cnnpipe.data import batches, load_data, num_batches, preload_torchvision
 from cnnpipe.losses import softmax_cross_entropy
 from cnnpipe.model import build_model
 from cnnpipe.optim import build_optimizer, lr_at
@@ -56,6 +56,7 @@ class Trainer:
         log.info("model %s (%s backend, %s, %d threads)\n%s", cfg.model.name, cfg.backend.name, cfg.dtype,
                  self.threads, self.model.summary())
         if hasattr(self.backend, "warmup"):
+            preload_torchvision()                            # torch's import overlaps the numba warm-up
             self.backend.warmup(self.dtype)
         self.data = load_data(cfg.data, cfg.trainer.seed)
         log.info("data %s from %s: train %d, val %d, test %d", self.data.name, self.data.source,
