@@ -258,10 +258,12 @@ def test_kept_columns_equal_rebuilt_columns(monkeypatch):
         np.testing.assert_array_equal(a, r)
 
 
+@pytest.mark.parametrize("split", [0, 1e30], ids=["rows-split", "one-call"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("M,K,N", [(3, 5, 2), (64, 400, 120), (120, 64, 400), (257, 300, 33)])
-def test_matmul_agrees_with_numpy(dtype, M, K, N):
+def test_matmul_agrees_with_numpy(monkeypatch, dtype, M, K, N, split):
     """The dense layers' product: rows split over the workers (large) or one call (small), any strides."""
+    monkeypatch.setattr(B, "MATMUL_SPLIT_FLOPS", split)
     rng = np.random.default_rng(M * N + K)
     a = rng.standard_normal((K, M)).astype(dtype).T                     # a transposed view, like δᵀ
     b = rng.standard_normal((N, K)).astype(dtype).T                     # like Wᵀ
