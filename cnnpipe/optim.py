@@ -1,6 +1,8 @@
 """Optimizers (SGD with momentum/nesterov/weight decay, Adam) and the learning-rate schedule.
 
-Updates follow PyTorch's formulas exactly, so the same settings train the same way in both.
+Updates follow PyTorch's formulas exactly, so the same settings train the same way in both. The element-wise
+update itself is the backend's (`sgd_update` / `adam_update`: numpy spells it out, numba fuses it into one
+parallel pass); without a backend the numpy one is used.
 State is a flat dict of arrays (for checkpoints): `state_dict()` / `load_state_dict()`.
 """
 from __future__ import annotations
@@ -13,17 +15,17 @@ from cnnpipe import ConfigError
 
 
 class Optimizer:
-    def __init__(self, params: dict[str, np.ndarray], lr: float, weight_decay: float = 0.0):
+    def __init__(self, params: dict[str, np.ndarray], lr: float, weight_decay: float = 0.0, backend=None):
         self.params, self.lr, self.weight_decay, self.t = params, float(lr), float(weight_decay), 0
         self.buffers: dict[str, dict[str, np.ndarray]] = {}
+        if backend is None:
+            from cnnpipe.backends import numpy_backend as backend
+        self.B = backend
 
     def step(self, grads: dict[str, np.ndarray], lr: float):
         self.t += 1
         for name, p in self.params.items():
-            g = grads[name]
-            if self.weight_decay:
-                g = g + p.dtype.type(self.weight_decay) * p
-            self._update(name, p, g, lr)
+            self._update(name, p, grads[name], lr)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         out = {"t": np.array(self.t, dtype=np.int64)}
@@ -42,8 +44,8 @@ class Optimizer:
 
 
 class SGD(Optimizer):
-    def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
-        super().__init__(params, lr, weight_decay)
+    def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0, backend=None):
+        super().__init__(params, lr, weight_decay, backend)
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
         if self.nesterov and self.momentum <= 0:
             raise ConfigError("optim.nesterov=true needs optim.momentum > 0.")
@@ -51,40 +53,30 @@ class SGD(Optimizer):
             self.buffers["momentum"] = {n: np.zeros_like(p) for n, p in params.items()}
 
     def _update(self, name, p, g, lr):
-        if self.momentum:
-            v = self.buffers["momentum"][name]
-            if self.t == 1:                 # PyTorch initialises the buffer with the first gradient
-                v[...] = g
-            else:
-                v *= p.dtype.type(self.momentum)
-                v += g
-            g = g + p.dtype.type(self.momentum) * v if self.nesterov else v
-        p -= p.dtype.type(lr) * g
+        v = self.buffers["momentum"][name] if self.momentum else None
+        self.B.sgd_update(p, g, v, lr, self.momentum, self.nesterov, self.weight_decay, first=self.t == 1)
 
 
 class Adam(Optimizer):
-    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        super().__init__(params, lr, weight_decay)
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, backend=None):
+        super().__init__(params, lr, weight_decay, backend)
         self.b1, self.b2, self.eps = float(betas[0]), float(betas[1]), float(eps)
         self.buffers["m"] = {n: np.zeros_like(p) for n, p in params.items()}
         self.buffers["v"] = {n: np.zeros_like(p) for n, p in params.items()}
 
     def _update(self, name, p, g, lr):
-        T = p.dtype.type
-        m, v = self.buffers["m"][name], self.buffers["v"][name]
-        m *= T(self.b1); m += T(1 - self.b1) * g
-        v *= T(self.b2); v += T(1 - self.b2) * (g * g)
-        bc1, bc2 = 1 - self.b1 ** self.t, 1 - self.b2 ** self.t
-        denom = np.sqrt(v) / T(math.sqrt(bc2)) + T(self.eps)
-        p -= T(lr / bc1) * (m / denom)
+        self.B.adam_update(p, g, self.buffers["m"][name], self.buffers["v"][name], lr, self.b1, self.b2, self.eps,
+                           self.weight_decay, self.t)
 
 
-def build_optimizer(cfg, params):
+def build_optimizer(cfg, params, backend=None):
     name = cfg.name
     if name == "sgd":
-        return SGD(params, cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        return SGD(params, cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                   backend=backend)
     if name == "adam":
-        return Adam(params, cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return Adam(params, cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                    backend=backend)
     raise ConfigError(f"Unknown optimizer '{name}' (optim=...): choose optim=sgd or optim=adam.")
 
 

@@ -61,7 +61,7 @@ class Trainer:
         self.data = load_data(cfg.data, cfg.trainer.seed)
         log.info("data %s from %s: train %d, val %d, test %d", self.data.name, self.data.source,
                  len(self.data.train.y), 0 if self.data.val is None else len(self.data.val.y), len(self.data.test.y))
-        self.optimizer = build_optimizer(cfg.optim, self.model.named_params())
+        self.optimizer = build_optimizer(cfg.optim, self.model.named_params(), self.backend)
         self.steps_per_epoch = num_batches(len(self.data.train.y), cfg.trainer.batch_size)
         self.total_steps = cfg.trainer.epochs * self.steps_per_epoch
         # trainer state (everything a checkpoint needs besides parameters, optimizer and RNGs)

@@ -89,7 +89,7 @@ class Runner:
         else:
             if hasattr(B, "warmup"):
                 B.warmup(np.float32)
-            self.opt = build_optimizer(cfg.optim, self.model.named_params())
+            self.opt = build_optimizer(cfg.optim, self.model.named_params(), B)
 
     def step(self, x, y) -> float:
         """forward → softmax-CE → backward → optimizer step; returns the loss.   x N,C,H,W float32, y N int64."""

@@ -194,6 +194,29 @@ def test_warmup_compiles_every_kernel_for_that_dtype():
         assert any(str(sig[0].dtype) == "float32" for sig in k.signatures), f"{k.__name__} not warmed up"
 
 
+
+def test_warm_kernels_are_saved_to_and_loaded_from_the_disk_cache(tmp_path):
+    """cache=True alone is not proof: a kernel that reads a dynamic global (numba.get_num_threads() in a parallel
+    kernel, say) silently stays uncached. A first process warms up into an empty NUMBA_CACHE_DIR; a second one
+    must load every kernel from there and compile none."""
+    import json
+    import os
+    import subprocess
+    import sys
+    code = ("import json, numpy as np\n"
+            "from numba.core.registry import CPUDispatcher\n"
+            "import cnnpipe.backends.numba_backend as B\n"
+            "B.warmup(np.float32)\n"
+            "print(json.dumps({k.__name__: [sum(k.stats.cache_hits.values()), sum(k.stats.cache_misses.values())]\n"
+            "                  for k in vars(B).values() if isinstance(k, CPUDispatcher)}))\n")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_NUM_THREADS": "2"}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                      check=True, timeout=300).stdout.strip().splitlines()[-1]) for _ in range(2)]
+    assert sum(misses for _, misses in runs[0].values()) > 0                 # the first one compiled
+    used = {name: hm for name, hm in runs[1].items() if sum(hm)}
+    assert len(used) >= 9
+    assert all(misses == 0 and hits > 0 for hits, misses in used.values()), used
+
 def test_registry_returns_this_module():
     assert get_backend("numba") is B
 
@@ -271,3 +294,26 @@ def test_matmul_agrees_with_numpy(monkeypatch, dtype, M, K, N, split):
     assert got.shape == (M, N) and got.dtype == dtype and got.flags.c_contiguous
     assert rel_err(got, a.astype(np.float64) @ b.astype(np.float64)) <= (1e-5 if dtype == np.float32 else 1e-12)
     np.testing.assert_array_equal(got, B.matmul(a, b))                  # deterministic
+
+
+@pytest.mark.parametrize("n", [5, 3 * B.UPDATE_SPLIT + 7], ids=["serial", "parallel"])
+@pytest.mark.parametrize("opt", ["sgd", "sgd_nesterov_wd", "sgd_plain", "adam_wd"])
+def test_optimizer_updates_agree_with_numpy_in_float32(opt, n):
+    """The fused update kernels give the numpy backend's float32 arithmetic, step after step."""
+    rng = np.random.default_rng(n)
+    p0 = rng.standard_normal(n).astype(np.float32)
+    ours, ref = [p0.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)], \
+        [p0.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)]
+    for t in range(1, 5):
+        g = rng.standard_normal(n).astype(np.float32)
+        for backend, (p, m, v) in ((B, ours), (REF, ref)):
+            if opt == "adam_wd":
+                backend.adam_update(p, g, m, v, 1e-2, 0.9, 0.999, 1e-8, 1e-3, t)
+            elif opt == "sgd_plain":
+                backend.sgd_update(p, g, None, 0.05)
+            else:
+                nesterov = opt == "sgd_nesterov_wd"
+                backend.sgd_update(p, g, m, 0.05, 0.9, nesterov, 1e-2 if nesterov else 0.0, first=t == 1)
+    for a, r in zip(ours, ref):
+        np.testing.assert_allclose(a, r, rtol=2e-6, atol=1e-7)
+    assert not np.array_equal(ours[0], p0)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cnnpipe import ConfigError
+from cnnpipe.backends import get_backend
 from cnnpipe.gradcheck import gradcheck
 from cnnpipe.losses import softmax_cross_entropy
 from cnnpipe.model import build_model
@@ -64,27 +65,32 @@ def test_model_gradients_match_torch_autograd(compose_cfg, overrides, dtype):
         np.testing.assert_allclose(a, b, **tol)
 
 
-@pytest.mark.parametrize("name", ["sgd", "sgd_nesterov_wd", "adam"])
-def test_optimizers_follow_torch(name):
+@pytest.mark.parametrize("size", [4, 1 << 17], ids=["small", "large"])   # numba: serial / parallel update
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("name", ["sgd", "sgd_plain", "sgd_nesterov_wd", "adam"])
+def test_optimizers_follow_torch(name, backend, size):
     rng = np.random.default_rng(0)
-    p0 = {"w": rng.standard_normal((3, 4)), "b": rng.standard_normal(4)}
+    B = get_backend(backend)
+    p0 = {"w": rng.standard_normal((3, size)), "b": rng.standard_normal(4)}
     ours = {k: v.copy() for k, v in p0.items()}
     tp = [torch.tensor(p0["w"], requires_grad=True), torch.tensor(p0["b"], requires_grad=True)]
     if name == "adam":
-        opt, topt = Adam(ours, 1e-2, weight_decay=1e-3), torch.optim.Adam(tp, 1e-2, weight_decay=1e-3)
+        opt, topt = Adam(ours, 1e-2, weight_decay=1e-3, backend=B), torch.optim.Adam(tp, 1e-2, weight_decay=1e-3)
     elif name == "sgd":
-        opt, topt = SGD(ours, 0.1, momentum=0.9), torch.optim.SGD(tp, 0.1, momentum=0.9)
+        opt, topt = SGD(ours, 0.1, momentum=0.9, backend=B), torch.optim.SGD(tp, 0.1, momentum=0.9)
+    elif name == "sgd_plain":
+        opt, topt = SGD(ours, 0.1, backend=B), torch.optim.SGD(tp, 0.1)
     else:
-        opt = SGD(ours, 0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)
+        opt = SGD(ours, 0.1, momentum=0.9, nesterov=True, weight_decay=1e-2, backend=B)
         topt = torch.optim.SGD(tp, 0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)
     for step in range(5):
-        g = {"w": rng.standard_normal((3, 4)), "b": rng.standard_normal(4)}
+        g = {"w": rng.standard_normal((3, size)), "b": rng.standard_normal(4)}
         opt.step(g, lr=opt.lr)
         for t, k in zip(tp, ("w", "b")):
             t.grad = torch.tensor(g[k])
         topt.step()
-    np.testing.assert_allclose(ours["w"], tp[0].detach().numpy(), rtol=1e-12)
-    np.testing.assert_allclose(ours["b"], tp[1].detach().numpy(), rtol=1e-12)
+    np.testing.assert_allclose(ours["w"], tp[0].detach().numpy(), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(ours["b"], tp[1].detach().numpy(), rtol=1e-12, atol=1e-15)
 
 
 def test_dropout_is_identity_in_eval_and_scaled_in_training(compose_cfg):

@@ -6,6 +6,13 @@ Contract (DESIGN.md), on C-contiguous float32/float64 arrays, output dtype follo
     dx, dw, db = B.conv2d_backward(dy, cache)                        # rules 4 (without h'), 5, 6
     y, cache   = B.pool2d_forward(x, size=2, stride=2, mode="max")   # "max" | "mean"
     dx         = B.pool2d_backward(dy, cache)                        # rules 2, 3
+
+Beyond DESIGN.md, so that the numba backend owns every compute thread of a step: the dense layers' product and
+the optimizers' element-wise updates (numpy spells them out; numba splits or fuses them):
+
+    out        = B.matmul(a, b)                                      # a @ b
+    B.sgd_update(p, g, v, lr, momentum, nesterov, weight_decay, first)   # in place, PyTorch's formula
+    B.adam_update(p, g, m, v, lr, b1, b2, eps, weight_decay, t)          # in place, PyTorch's formula
 """
 from __future__ import annotations
 

@@ -17,7 +17,9 @@ How the work is split (PERF_NOTES.md):
   bounded for any batch size. Kept column buffers go back to a small spare list once backward used them.
 - pools: direct loops, prange over (n, c) planes, so threads write disjoint memory.
 - dense layers (matmul): rows split over the same workers, single-threaded BLAS, so no OpenBLAS thread
-  is left spinning on a core that the next numba region needs.
+  is left spinning on a core that the next numba region needs; small products run in one call.
+- optimizer updates (sgd_update, adam_update): one fused pass per parameter (numpy makes 3-6 passes and
+  temporaries), split over the threads for large parameters: the convnet's SGD step 6.5 -> 3.5 ms.
 Every kernel is deterministic for a fixed thread count: parallel loops write disjoint outputs and every
 reduction runs in one fixed order. Work buffers are reused per thread; returned arrays are always fresh.
 """
@@ -219,6 +221,52 @@ def _meanpool_backward(dy, R, S, dx):
                 for i in range(R):
                     for j in range(R):
                         dx[n, c, ho * S + i, wo * S + j] += g
+
+
+@njit(nogil=True, cache=True)
+def _sgd_range(p, g, v, lr, momentum, wd, nesterov, has_v, first, lo, hi):
+    """PyTorch's SGD step on elements lo..hi of the flat p (and v), in the numpy backend's operation order."""
+    for i in range(lo, hi):
+        gi = g[i]
+        if wd != 0:
+            gi = gi + wd * p[i]
+        if has_v:
+            vi = gi if first else v[i] * momentum + gi
+            v[i] = vi
+            gi = gi + momentum * vi if nesterov else vi
+        p[i] -= lr * gi
+
+
+@njit(parallel=True, cache=True)
+def _sgd_parallel(p, g, v, lr, momentum, wd, nesterov, has_v, first, T):
+    """_sgd_range over T contiguous slices, one per thread (T passed in: reading numba's thread count inside
+    a kernel makes it uncachable)."""
+    n = p.size
+    for t in prange(T):
+        _sgd_range(p, g, v, lr, momentum, wd, nesterov, has_v, first, t * n // T, (t + 1) * n // T)
+
+
+@njit(nogil=True, cache=True)
+def _adam_range(p, g, m, v, lr_bc1, b1, c1, b2, c2, eps, sqrt_bc2, wd, lo, hi):
+    """PyTorch's Adam step on elements lo..hi of the flat p, m, v, in the numpy backend's operation order
+    (c1, c2 = 1 - b1, 1 - b2 rounded from float64, as numpy does)."""
+    for i in range(lo, hi):
+        gi = g[i]
+        if wd != 0:
+            gi = gi + wd * p[i]
+        mi = m[i] * b1 + c1 * gi
+        vi = v[i] * b2 + c2 * (gi * gi)
+        m[i] = mi
+        v[i] = vi
+        p[i] -= lr_bc1 * (mi / (np.sqrt(vi) / sqrt_bc2 + eps))
+
+
+@njit(parallel=True, cache=True)
+def _adam_parallel(p, g, m, v, lr_bc1, b1, c1, b2, c2, eps, sqrt_bc2, wd, T):
+    """_adam_range over T contiguous slices, one per thread."""
+    n = p.size
+    for t in prange(T):
+        _adam_range(p, g, m, v, lr_bc1, b1, c1, b2, c2, eps, sqrt_bc2, wd, t * n // T, (t + 1) * n // T)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -497,6 +545,44 @@ def matmul(a, b):
     return out
 
 
+UPDATE_SPLIT = 1 << 16  # parameters with fewer elements update in one serial call (a parallel region costs ~40 µs)
+
+
+def _flat(a, what):
+    """The flat view of a C-contiguous parameter or optimizer buffer (updated in place, so never a copy)."""
+    if not a.flags.c_contiguous:
+        raise ValueError(f"numba backend: the {what} must be C-contiguous to be updated in place")
+    return a.reshape(-1)
+
+
+def sgd_update(p, g, v, lr, momentum=0.0, nesterov=False, weight_decay=0.0, first=False):
+    """PyTorch's SGD step on p in place (the numpy backend's formula), one fused pass over p, g and v: g' = g +
+    wd·p; v = g' on the first step, else momentum·v + g'; p -= lr·(g' + momentum·v if nesterov else v)."""
+    T = p.dtype.type
+    pf = _flat(p, "parameter")
+    gf = _as(g, p.dtype).reshape(-1)
+    vf = pf if v is None else _flat(v, "momentum buffer")
+    args = (pf, gf, vf, T(lr), T(momentum), T(weight_decay), bool(nesterov), v is not None, bool(first))
+    if pf.size >= UPDATE_SPLIT and _workers() > 1:
+        _sgd_parallel(*args, _workers())
+    else:
+        _sgd_range(*args, 0, pf.size)
+
+
+def adam_update(p, g, m, v, lr, b1, b2, eps, weight_decay, t):
+    """PyTorch's Adam step t on p, m, v in place (the numpy backend's formula), one fused pass."""
+    T = p.dtype.type
+    pf = _flat(p, "parameter")
+    gf = _as(g, p.dtype).reshape(-1)
+    bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+    args = (pf, gf, _flat(m, "Adam m buffer"), _flat(v, "Adam v buffer"), T(lr / bc1), T(b1), T(1 - b1), T(b2),
+            T(1 - b2), T(eps), T(np.sqrt(bc2)), T(weight_decay))
+    if pf.size >= UPDATE_SPLIT and _workers() > 1:
+        _adam_parallel(*args, _workers())
+    else:
+        _adam_range(*args, 0, pf.size)
+
+
 def warmup(dtype=np.float32):
     """Compile (first process) or load from the cache (later ones) every kernel for `dtype`."""
     rng = np.random.default_rng(0)
@@ -510,3 +596,7 @@ def warmup(dtype=np.float32):
     for mode in ("max", "mean"):
         p, pc = pool2d_forward(x, 2, 2, mode)
         pool2d_backward(p, pc)
+    for n in (1, UPDATE_SPLIT):                          # serial and parallel optimizer updates
+        p, g, m, v = (np.zeros(n, dtype) for _ in range(4))
+        sgd_update(p, g, m, 0.1, 0.9, True, 0.1, False)
+        adam_update(p, g, m, v, 0.1, 0.9, 0.999, 1e-8, 0.1, 1)

@@ -243,3 +243,36 @@ def pool2d_backward(dy, cache):
 def matmul(a, b):
     """a @ b for the dense layers (forward x Wᵀ, backward δᵀx and δW): numpy's BLAS, its own threads."""
     return a @ b
+
+
+# ----------------------------------------------------------------------------- optimizer updates
+
+def sgd_update(p, g, v, lr, momentum=0.0, nesterov=False, weight_decay=0.0, first=False):
+    """PyTorch's SGD step on p in place: g' = g + wd·p; v = g' on the first step, else momentum·v + g';
+    p -= lr·(g' + momentum·v if nesterov else v). v is None without momentum (then p -= lr·g')."""
+    T = p.dtype.type
+    if weight_decay:
+        g = g + T(weight_decay) * p
+    if v is not None:
+        if first:                       # PyTorch initialises the buffer with the first gradient
+            v[...] = g
+        else:
+            v *= T(momentum)
+            v += g
+        g = g + T(momentum) * v if nesterov else v
+    p -= T(lr) * g
+
+
+def adam_update(p, g, m, v, lr, b1, b2, eps, weight_decay, t):
+    """PyTorch's Adam step t (1-based) on p, m, v in place: g' = g + wd·p; m = b1·m + (1-b1)·g';
+    v = b2·v + (1-b2)·g'²; p -= lr/(1-b1ᵗ) · m / (√v/√(1-b2ᵗ) + eps)."""
+    T = p.dtype.type
+    if weight_decay:
+        g = g + T(weight_decay) * p
+    m *= T(b1)
+    m += T(1 - b1) * g
+    v *= T(b2)
+    v += T(1 - b2) * (g * g)
+    bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+    denom = np.sqrt(v) / T(np.sqrt(bc2)) + T(eps)
+    p -= T(lr / bc1) * (m / denom)
