@@ -7,7 +7,8 @@ What it measures (every configuration in its own subprocess, so peak RSS is per 
   1. training epochs: lenet5 and convnet × max and mean pools × numpy, numba, torch. Seconds per epoch of the
      training loop only (batch preparation, forward, softmax-CE, backward, SGD step), samples/s, the ratio to
      PyTorch (the torch twin of the same network with the same weights, torch.optim.SGD with the same lr and
-     momentum, the same threads), peak RSS. Three untimed warm-up steps come first, for every backend.
+     momentum, the same threads), peak RSS. Three untimed warm-up steps come first, for every backend. Each
+     configuration runs --rounds times (default 3), the backends taking turns; rows report the median run.
   2. kernels: conv forward, conv backward, pool forward/backward for every conv/pool layer shape of each model
      at the headline batch size, against torch's own ops (F.conv2d + autograd backward, F.max_pool2d/avg_pool2d).
   3. scaling: time per sample for batch 16-256, and for the convnet with its filter counts halved and doubled.
@@ -413,9 +414,12 @@ def parse_args(argv):
     ap.add_argument("--steps", type=int, default=None, help="time this many steps per headline configuration "
                     "instead of a full epoch (the epoch time is then extrapolated and marked so)")
     ap.add_argument("--epochs-fraction", type=float, default=None, help="like --steps, as a fraction of an epoch")
-    ap.add_argument("--row-budget", type=float, default=20.0, help="seconds: a headline row still running after "
+    ap.add_argument("--row-budget", type=float, default=10.0, help="seconds: a headline run still going after "
                     "this stops there and its epoch time is extrapolated from the steps done (marked *); 0: no "
-                    "limit (default 20, so that the whole sweep stays under 10 minutes)")
+                    "limit (default 10, so that the whole sweep stays near 10 minutes)")
+    ap.add_argument("--rounds", type=int, default=None, help="headline runs per configuration (default 3; --quick "
+                    "1): the backends of one model and pool take turns, each round starting with the next one, and "
+                    "each row reports the median run, so a machine whose speed drifts favours none of them")
     ap.add_argument("--models", nargs="+", default=["lenet5", "convnet"])
     ap.add_argument("--pools", nargs="+", default=["max", "mean"], choices=["max", "mean"])
     ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
@@ -466,17 +470,23 @@ def main(argv=None):
     t_start = time.perf_counter()
     _check_data(data_root, args.limit_train)
 
+    rounds = max(1, args.rounds or (1 if args.quick else 3))
+    report["rounds"] = rounds
     if "epochs" not in args.skip:
         for model in args.models:
             for pool in args.pools:
-                for backend in args.backends:
-                    spec = {**base, "model": model, "pool": pool, "backend": backend, "batch_size": bs,
-                            "steps": steps, "budget_s": args.row_budget or None}
-                    r = run_worker("train", spec, timeout=900)
-                    row = {"model": model, "pool": pool, "backend": backend, **r.get("result", {}),
-                           **({"error": r["error"]} if "error" in r else {})}
-                    report["epochs"].append(row)
-                    _say(_epoch_line(row) + f" ({r.get('wall_s', 0):.0f} s wall)")
+                runs = {b: [] for b in args.backends}
+                for k in range(rounds):
+                    i = k % len(args.backends)
+                    for backend in args.backends[i:] + args.backends[:i]:      # take turns: round k starts later
+                        spec = {**base, "model": model, "pool": pool, "backend": backend, "batch_size": bs,
+                                "steps": steps, "budget_s": args.row_budget or None}
+                        r = run_worker("train", spec, timeout=900)
+                        run = {"model": model, "pool": pool, "backend": backend, **r.get("result", {}),
+                               **({"error": r["error"]} if "error" in r else {})}
+                        runs[backend].append(run)
+                        _say(_epoch_line(run) + f" (round {k + 1}/{rounds}, {r.get('wall_s', 0):.0f} s wall)")
+                report["epochs"] += [_median_run(runs[b]) for b in args.backends]
         _add_ratios(report["epochs"])
 
     if "kernels" not in args.skip:
@@ -541,6 +551,19 @@ def _epoch_line(r):
         return f"{r['model']}/{r['pool']}/{r['backend']}: FAILED {r['error']}"
     return (f"{r['model']}/{r['pool']}/{r['backend']}: {r['seconds_per_epoch']:.2f} s/epoch, "
             f"{r['samples_per_s']:.0f} samples/s, {r['steps']} steps, peak RSS {r['peak_rss_mb']:.0f} MB")
+
+
+def _median_run(runs):
+    """One row for a configuration's runs: the median run (by s/epoch; the lower middle one of an even count), with
+    every run's s/epoch beside it and the highest peak RSS; failed if any run failed."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    ranked = sorted(runs, key=lambda r: r["seconds_per_epoch"])
+    row = dict(ranked[(len(ranked) - 1) // 2])
+    row["runs_seconds_per_epoch"] = [r["seconds_per_epoch"] for r in runs]
+    row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    return row
 
 
 def _add_ratios(rows):
@@ -620,13 +643,16 @@ def render_markdown(rep):
                    + (" or " if rep["headline_steps"] != "full epoch" and rep.get("row_budget_s") else "")
                    + (f"{rep['row_budget_s']:.0f} s" if rep.get("row_budget_s") else "")
                    + ", and their epoch time is extrapolated from the steps done (steps column).")
-                + " Every row is its own process; peak RSS is that process's maximum resident set (it includes "
-                "the imported torch/torchvision, which the data loader needs for every backend).", ""]
+                + (f" Each configuration ran {rep['rounds']} times, the three backends taking turns (each round "
+                   "starting with the next backend); a row is the median run, the runs column lists every run's "
+                   "s/epoch in order, and the ratio is between medians." if rep.get("rounds", 1) > 1 else "")
+                + " Every run is its own process; peak RSS is the highest maximum resident set of its runs (it "
+                "includes the imported torch/torchvision, which the data loader needs for every backend).", ""]
         rows = []
         for r in rep["epochs"]:
             name = [r["model"], r["pool"], r["backend"]]
             if "error" in r:
-                rows.append([*name, "failed", "", "", "", "", "", r["error"][:80]])
+                rows.append([*name, "failed", "", "", "", "", "", "", "", r["error"][:80]])
                 continue
             star = "" if r["full_epoch"] else "*"
             ratio = f"{r['ratio_to_torch']:.2f}×" if "ratio_to_torch" in r else ""
@@ -639,10 +665,11 @@ def render_markdown(rep):
             if r["model"] in RSS_TARGET_MB:
                 limit = RSS_TARGET_MB[r["model"]]
                 rss += f" (≤ {limit} {'✅' if r['peak_rss_mb'] <= limit else '❌'})"
-            rows.append([*name, f"{r['seconds_per_epoch']:.2f}{star}", f"{r['samples_per_s']:,.0f}", ratio, target,
-                         rss, r["steps"], f"{r['loss_mean']:.3f}"])
-        out += [_table(["model", "pool", "backend", "s/epoch", "samples/s", "× PyTorch", "target", "peak RSS MB",
-                        "steps", "mean loss"], rows, left=3), ""]
+            runs = " / ".join(f"{v:.1f}" for v in r.get("runs_seconds_per_epoch", [r["seconds_per_epoch"]]))
+            rows.append([*name, f"{r['seconds_per_epoch']:.2f}{star}", runs, f"{r['samples_per_s']:,.0f}", ratio,
+                         target, rss, r["steps"], f"{r['loss_mean']:.3f}"])
+        out += [_table(["model", "pool", "backend", "s/epoch", "runs", "samples/s", "× PyTorch", "target",
+                        "peak RSS MB", "steps", "mean loss"], rows, left=3), ""]
         out.append("The mean training loss over the timed steps shows that the three train the same network from the "
                    "same weights on the same batches (convnet: up to its dropout masks, which differ).")
         out.append("")

@@ -16,14 +16,17 @@ def test_bench_quick_writes_json_and_markdown(fashion_root, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# title\n\n<!-- bench:start -->\nold table\n<!-- bench:end -->\n\n## next section\n")
     r = run_script("bench.py", "--quick", "--out", str(out), "--data-root", str(fashion_root), "--limit-train", "600",
-                   "--models", "lenet5", "--pools", "max", "--skip", "scaling", "--readme", str(readme), timeout=600)
+                   "--models", "lenet5", "--pools", "max", "--skip", "scaling", "--readme", str(readme), "--rounds", "2",
+                   timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(out.with_suffix(".json").read_text())
 
     rows = {r["backend"]: r for r in rep["epochs"]}
-    assert set(rows) == {"numpy", "numba", "torch"}
+    assert set(rows) == {"numpy", "numba", "torch"} and len(rep["epochs"]) == 3 and rep["rounds"] == 2
     for b, row in rows.items():
         assert "error" not in row, row
+        runs = row["runs_seconds_per_epoch"]                                  # two rounds; the row is the lower
+        assert len(runs) == 2 and row["seconds_per_epoch"] == min(runs)      # middle (median) run
         assert row["steps"] == 10 and row["samples"] == 600 and row["full_epoch"]    # 600 images: one epoch < 20 steps
         assert row["seconds"] > 0 and row["peak_rss_mb"] > 50
     assert rows["torch"]["ratio_to_torch"] == 1.0
