@@ -416,7 +416,7 @@ def parse_args(argv):
     ap.add_argument("--epochs-fraction", type=float, default=None, help="like --steps, as a fraction of an epoch")
     ap.add_argument("--row-budget", type=float, default=10.0, help="seconds: a headline run still going after "
                     "this stops there and its epoch time is extrapolated from the steps done (marked *); 0: no "
-                    "limit (default 10, so that the whole sweep stays near 10 minutes)")
+                    "limit (default 10: with 3 rounds the whole benchmark takes about 12 minutes)")
     ap.add_argument("--rounds", type=int, default=None, help="headline runs per configuration (default 3; --quick "
                     "1): the backends of one model and pool take turns, each round starting with the next one, and "
                     "each row reports the median run, so a machine whose speed drifts favours none of them")
@@ -625,12 +625,11 @@ def render_markdown(rep):
                f"{'; '.join(m.get('blas', [])) or '?'}. Environment: "
                f"{', '.join(f'{k}={v}' for k, v in m['env'].items()) or 'no BLAS/thread variables set'}. "
                f"Load average at start {rep['load_avg_start']}, at end {rep.get('load_avg_end')}.")
-    loads = [l[0] for l in (rep["load_avg_start"], rep.get("load_avg_end")) if l]
-    if loads and max(loads) > 0.5 * m["cpus"]:
-        out += ["", f"**Warning: the machine was busy** (1-minute load average up to {max(loads):.1f} on {m['cpus']} "
-                "cores, this benchmark included): multi-threaded timings suffer badly when another "
-                "process holds a core (every thread barrier waits for a time slice). Rerun on a quiet machine for "
-                "fair numbers."]
+    start = (rep["load_avg_start"] or [0])[0]         # the end's load average counts the benchmark's own processes
+    if start > 0.5 * m["cpus"]:
+        out += ["", f"**Warning: the machine was busy** (1-minute load average {start:.1f} on {m['cpus']} cores "
+                "before the benchmark started): multi-threaded timings suffer badly when another process holds a "
+                "core (every thread barrier waits for a time slice). Rerun on a quiet machine for fair numbers."]
     out += ["", f"Command: `{rep['command']}` ({rep.get('total_seconds', 0):.0f} s in all).", ""]
     if rep["epochs"]:
         full = all(r.get("full_epoch") for r in rep["epochs"] if "error" not in r)
@@ -672,6 +671,11 @@ def render_markdown(rep):
                         "peak RSS MB", "steps", "mean loss"], rows, left=3), ""]
         out.append("The mean training loss over the timed steps shows that the three train the same network from the "
                    "same weights on the same batches (convnet: up to its dropout masks, which differ).")
+        spreads = [max(v) / min(v) - 1 for r in rep["epochs"] if len(v := r.get("runs_seconds_per_epoch", [])) > 1]
+        if spreads:
+            out += ["", f"Runs of one configuration differed by up to {100 * max(spreads):.0f} % (median "
+                    f"{100 * statistics.median(spreads):.0f} %) between their fastest and slowest run on this "
+                    "machine, so a ratio within about that margin of its target settles nothing either way."]
         out.append("")
     if any(isinstance(v, list) for v in rep["kernels"].values()):
         out += ["## Kernels", "", f"Median time of one call, batch {rep['batch_size']}, float32, on random data; "

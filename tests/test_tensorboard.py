@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import socket
 import subprocess
 import sys
@@ -76,6 +77,21 @@ def test_one_event_file_in_the_run_dir_with_every_scalar(tb_run):
                for e in ea.Scalars(tag))
     assert ea.Scalars("train/lr")[0].value == pytest.approx(tr.cfg.optim.lr)
 
+
+
+def test_the_logger_reports_its_own_cost_in_train_log(tb_run):
+    """Every run's train.log says what logging cost against the training loop (how the ≤ 5 % figure is measured)."""
+    run_dir, tr, metrics, ea = tb_run
+    logger = next(cb for cb in tr.callbacks if isinstance(cb, TensorBoardLogger))
+    line = next(l for l in (run_dir / "train.log").read_text().splitlines() if "TensorBoard logging took" in l)
+    found = re.search(r"took ([\d.]+) s in its hooks: ([\d.]+) % of the ([\d.]+) s", line)
+    secs, pct, loop = map(float, found.groups())
+    assert logger.seconds > 0 and secs == pytest.approx(logger.seconds, abs=0.006)
+    assert loop == pytest.approx(sum(metrics["epoch_seconds"]), abs=0.06)
+    assert pct == pytest.approx(100 * logger.seconds / sum(metrics["epoch_seconds"]), abs=0.06)
+    opened, rest = map(float, re.search(r"event file once \(([\d.]+) s, imports included\): ([\d.]+) %", line).groups())
+    assert 0 < logger.open_seconds < logger.seconds and opened == pytest.approx(logger.open_seconds, abs=0.006)
+    assert rest == pytest.approx(100 * (logger.seconds - logger.open_seconds) / sum(metrics["epoch_seconds"]), abs=0.06)
 
 def test_images_decode_and_delta_maps_are_not_blank(tb_run):
     _, tr, _, ea = tb_run

@@ -14,7 +14,8 @@ How the work is split (PERF_NOTES.md):
   rule 4 dx = col2im(W2dᵀ @ δ2d), the transposed convolution, which equals the full convolution of δ
   with the flipped kernel. Rule 6 db is numpy's (deterministic) sum over samples and pixels. Forward keeps
   the batch's columns for backward when they fit KEEP_COL_BYTES (a training batch); bigger ones are rebuilt
-  in backward, so memory stays bounded for any batch size. Kept column buffers go back to a small spare list once backward used them.
+  in backward, so memory stays bounded for any batch size. Kept column buffers go back to a small spare
+  list once backward used them.
 - pools: direct loops, prange over (n, c) planes, so threads write disjoint memory.
 - dense layers (matmul): rows split over the same workers, single-threaded BLAS, so no OpenBLAS thread
   is left spinning on a core that the next numba region needs; small products run in one call.
