@@ -537,6 +537,14 @@ def matmul(a, b):
 UPDATE_SPLIT = 1 << 16  # parameters with fewer elements update in one serial call (a parallel region costs ~40 µs)
 
 
+def _update(serial, parallel, size, args):
+    """Run an update kernel: split over the threads for a large parameter, one serial call for a small one."""
+    if size >= UPDATE_SPLIT and _workers() > 1:
+        parallel(*args, _workers())
+    else:
+        serial(*args, 0, size)
+
+
 def _flat(a, what):
     """The flat view of a C-contiguous parameter or optimizer buffer (updated in place, so never a copy)."""
     if not a.flags.c_contiguous:
@@ -552,10 +560,7 @@ def sgd_update(p, g, v, lr, momentum=0.0, nesterov=False, weight_decay=0.0, firs
     gf = _as(g, p.dtype).reshape(-1)
     vf = pf if v is None else _flat(v, "momentum buffer")
     args = (pf, gf, vf, T(lr), T(momentum), T(weight_decay), bool(nesterov), v is not None, bool(first))
-    if pf.size >= UPDATE_SPLIT and _workers() > 1:
-        _sgd_parallel(*args, _workers())
-    else:
-        _sgd_range(*args, 0, pf.size)
+    _update(_sgd_range, _sgd_parallel, pf.size, args)
 
 
 def adam_update(p, g, m, v, lr, b1, b2, eps, weight_decay, t):
@@ -566,10 +571,7 @@ def adam_update(p, g, m, v, lr, b1, b2, eps, weight_decay, t):
     bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
     args = (pf, gf, _flat(m, "Adam m buffer"), _flat(v, "Adam v buffer"), T(lr / bc1), T(b1), T(1 - b1), T(b2),
             T(1 - b2), T(eps), T(np.sqrt(bc2)), T(weight_decay))
-    if pf.size >= UPDATE_SPLIT and _workers() > 1:
-        _adam_parallel(*args, _workers())
-    else:
-        _adam_range(*args, 0, pf.size)
+    _update(_adam_range, _adam_parallel, pf.size, args)
 
 
 def warmup(dtype=np.float32):
