@@ -1,4 +1,9 @@
 """numba backend vs the numpy reference and torch autograd; determinism, fresh outputs, dtypes, caching."""
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -194,15 +199,10 @@ def test_warmup_compiles_every_kernel_for_that_dtype():
         assert any(str(sig[0].dtype) == "float32" for sig in k.signatures), f"{k.__name__} not warmed up"
 
 
-
 def test_warm_kernels_are_saved_to_and_loaded_from_the_disk_cache(tmp_path):
     """cache=True alone is not proof: a kernel that reads a dynamic global (numba.get_num_threads() in a parallel
     kernel, say) silently stays uncached. A first process warms up into an empty NUMBA_CACHE_DIR; a second one
     must load every kernel from there and compile none."""
-    import json
-    import os
-    import subprocess
-    import sys
     code = ("import json, numpy as np\n"
             "from numba.core.registry import CPUDispatcher\n"
             "import cnnpipe.backends.numba_backend as B\n"
@@ -216,6 +216,7 @@ def test_warm_kernels_are_saved_to_and_loaded_from_the_disk_cache(tmp_path):
     used = {name: hm for name, hm in runs[1].items() if sum(hm)}
     assert len(used) >= 9
     assert all(misses == 0 and hits > 0 for hits, misses in used.values()), used
+
 
 def test_registry_returns_this_module():
     assert get_backend("numba") is B
@@ -302,8 +303,7 @@ def test_optimizer_updates_agree_with_numpy_in_float32(opt, n):
     """The fused update kernels give the numpy backend's float32 arithmetic, step after step."""
     rng = np.random.default_rng(n)
     p0 = rng.standard_normal(n).astype(np.float32)
-    ours, ref = [p0.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)], \
-        [p0.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)]
+    ours, ref = ([p0.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)] for _ in range(2))   # p, m, v
     for t in range(1, 5):
         g = rng.standard_normal(n).astype(np.float32)
         for backend, (p, m, v) in ((B, ours), (REF, ref)):

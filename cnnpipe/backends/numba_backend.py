@@ -558,7 +558,7 @@ def sgd_update(p, g, v, lr, momentum=0.0, nesterov=False, weight_decay=0.0, firs
     T = p.dtype.type
     pf = _flat(p, "parameter")
     gf = _as(g, p.dtype).reshape(-1)
-    vf = pf if v is None else _flat(v, "momentum buffer")
+    vf = pf if v is None else _flat(v, "momentum buffer")   # no momentum: a stand-in the kernel never touches
     args = (pf, gf, vf, T(lr), T(momentum), T(weight_decay), bool(nesterov), v is not None, bool(first))
     _update(_sgd_range, _sgd_parallel, pf.size, args)
 
