@@ -58,6 +58,8 @@ class Trainer:
         if hasattr(self.backend, "warmup"):
             preload_torchvision()                            # torch's import overlaps the numba warm-up
             self.backend.warmup(self.dtype)
+            log.info("numba threading layer %s, %d threads", self.backend.numba.threading_layer(),
+                     self.backend.numba.get_num_threads())
         self.data = load_data(cfg.data, cfg.trainer.seed)
         log.info("data %s from %s: train %d, val %d, test %d", self.data.name, self.data.source,
                  len(self.data.train.y), 0 if self.data.val is None else len(self.data.val.y), len(self.data.test.y))

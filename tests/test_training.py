@@ -78,6 +78,19 @@ def test_user_command_runs_as_a_subprocess(tmp_path, fashion_root):
     assert "FLOPs" in (tmp_path / "train.log").read_text()
 
 
+def test_numba_runs_on_the_sleeping_workqueue_threads(tmp_path, fashion_root):
+    """The trainer sets the thread count (which starts numba's threads) before it imports the numba backend,
+    and torchvision has loaded torch's spinning OpenMP runtime by then: the layer must still be workqueue."""
+    r = run_script("train.py", "backend=numba", "backend.threads=2", *tiny_overrides(fashion_root),
+                   "trainer.max_steps=2", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    assert "numba threading layer workqueue, 2 threads" in (tmp_path / "train.log").read_text()
+    r = run_script("train.py", "backend=numba", *tiny_overrides(fashion_root), "trainer.max_steps=2",
+                   f"hydra.run.dir={tmp_path / 'omp'}", env={"NUMBA_THREADING_LAYER": "omp"})
+    assert r.returncode == 0, r.stderr                  # a user's explicit choice is kept
+    assert "numba threading layer omp" in (tmp_path / "omp" / "train.log").read_text()
+
+
 def test_non_finite_loss_stops_with_the_step_and_layer(tmp_path, fashion_root):
     r = run_script("train.py", *tiny_overrides(fashion_root, **{"optim.lr": "1e30", "trainer.epochs": "3"}),
                    "checkpoint.every_steps=1", f"hydra.run.dir={tmp_path}")

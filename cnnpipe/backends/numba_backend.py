@@ -30,15 +30,13 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import numba
 import numpy as np
-from numba import njit, prange
 
 from cnnpipe import ConfigError
+from cnnpipe.backends import import_numba
 
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    # workqueue threads sleep between parallel regions; OpenMP's spin and steal the cores BLAS needs
-    numba.config.THREADING_LAYER = "workqueue"
+numba = import_numba()                     # workqueue threading layer (see import_numba)
+from numba import njit, prange  # noqa: E402
 
 COL_CHUNK_BYTES = 4 << 20  # im2col bytes per batch chunk: big enough for an efficient sgemm, small for L3
 KEEP_COL_BYTES = 64 << 20  # forward keeps a batch's columns up to this size for backward (else rebuilt)
