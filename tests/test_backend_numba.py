@@ -195,7 +195,7 @@ def test_every_kernel_is_compiled_with_cache_true():
 def test_warmup_compiles_every_kernel_for_that_dtype():
     from numba.core.registry import CPUDispatcher
     B.warmup(np.float32)
-    for k in (v for v in vars(B).values() if isinstance(v, CPUDispatcher)):
+    for k in (v for v in vars(B).values() if isinstance(v, CPUDispatcher) and v not in B.INNER_KERNELS):
         assert any(str(sig[0].dtype) == "float32" for sig in k.signatures), f"{k.__name__} not warmed up"
 
 

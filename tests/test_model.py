@@ -62,6 +62,8 @@ def test_model_gradients_match_torch_autograd(compose_cfg, overrides, dtype):
     assert len(ours) == len(theirs)
     for a, b in zip(ours, theirs):
         assert a.dtype == np.dtype(dtype)
+        if dtype == "float32":    # float32 sums of many terms cancel: the error scales with the array's largest
+            tol = dict(rtol=2e-4, atol=2e-6 * max(1.0, float(np.abs(b).max())))   # entries, not with each entry
         np.testing.assert_allclose(a, b, **tol)
 
 

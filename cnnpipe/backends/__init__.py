@@ -39,13 +39,15 @@ def get_backend(name: str):
 def import_numba():
     """Import numba with its threading layer chosen before its worker threads start (they start at the first
     numba.set_num_threads or parallel kernel, and the layer cannot change after that). Unless
-    NUMBA_THREADING_LAYER is set: workqueue. Its threads sleep between parallel regions, while the OpenMP
-    layer's (torch's libgomp, loaded with torchvision) spin and take the core that the chunk workers and BLAS
-    need (measured: a convnet step 52 ms on OpenMP, 34 ms on workqueue, 2 cores)."""
+    NUMBA_THREADING_LAYER is set: OpenMP first, then workqueue (TBB last). Every parallel step of the numba
+    backend runs in numba's threads (the GEMMs too, as single-threaded BLAS inside the parallel regions), so
+    OpenMP workers that spin briefly between regions take no core from anyone and hand work over in ~1 µs;
+    workqueue's threads poll with sleeps, ~90 µs a region (measured on 2 cores)."""
     import numba
     from numba.np.ufunc import parallel
     if "NUMBA_THREADING_LAYER" not in os.environ and not parallel._is_initialized:
-        numba.config.THREADING_LAYER = "workqueue"
+        numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
+        numba.config.THREADING_LAYER = "default"
     return numba
 
 
@@ -53,10 +55,12 @@ def set_threads(n: int | None, backend: str | None = None) -> int:
     """Limit the compute threads to n (None: all cores). Returns n used.
 
     numpy backend (or None): BLAS and numba (if loaded) get n threads.
-    numba backend: numba gets n threads and BLAS one. Its kernels hand every GEMM (conv and dense) to
-    its own n workers, each calling single-threaded BLAS; a multi-threaded OpenBLAS call in between
-    would leave OpenBLAS workers spinning on the cores the next numba region needs (measured: a LeNet
-    step 2-3x slower)."""
+    numba backend: numba gets n threads and BLAS one. Its kernels run every GEMM (conv and dense) inside
+    numba's parallel regions, each thread calling single-threaded BLAS; a multi-threaded OpenBLAS call in
+    between would leave OpenBLAS workers spinning on the cores the next numba region needs (measured: a
+    LeNet step 2-3x slower)."""
+    if backend == "numba":
+        get_backend("numba")       # loads the BLAS that numba's kernels call, so that it is limited below
     n = int(n) if n else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     try:
         from threadpoolctl import threadpool_limits

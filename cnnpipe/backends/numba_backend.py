@@ -4,12 +4,14 @@ with it (float64 ~1e-10, float32 ~1e-5) and is tested against it and PyTorch (te
 Letters: N batch, C input channels, F filters, H,W input size, K kernel, S stride, Ho,Wo output size,
 P = Ho*Wo output pixels, R pool window size, nb samples in one batch chunk.
 
-How the work is split (PERF_NOTES.md):
-- conv: the batch is cut into chunks (a chunk's columns stay in cache, at least one chunk per thread).
-  T worker threads (T = numba's thread count) each take whole chunks and run serial nogil numba kernels
-  plus single-threaded BLAS, so exactly T threads compute: no BLAS/numba oversubscription.
-  forward per chunk: im2col col (C,K,K,nb,Ho,Wo) -> one sgemm W2d @ col (np.dot) -> bias add fused with
-  the (F,nb,P) -> (N,F,P) reorder.
+How the work is split (PERF_NOTES.md): every parallel step is one numba parallel region on numba's T threads
+(OpenMP layer: ~1 µs hand-offs; see cnnpipe.backends.import_numba), and the GEMMs run inside those regions as
+single-threaded BLAS (numba's np.dot calls scipy's OpenBLAS, pinned to one thread), so exactly T threads compute:
+no BLAS/numba oversubscription and no Python between the steps of a layer.
+- conv: the batch is cut into chunks (a chunk's columns stay in cache, at least one chunk per thread), one
+  task per chunk (_conv_forward_chunks, _conv_backward_chunks).
+  forward per chunk: im2col col (C,K,K,nb,Ho,Wo) -> one sgemm W2d @ col -> bias add fused with the
+  (F,nb,P) -> (N,F,P) reorder.
   backward per chunk: δ reordered to (F,nb,P); rule 5 dW part = δ2d @ colᵀ (parts summed in chunk order);
   rule 4 dx = col2im(W2dᵀ @ δ2d), the transposed convolution, which equals the full convolution of δ
   with the flipped kernel. Rule 6 db is numpy's (deterministic) sum over samples and pixels. Forward keeps
@@ -17,8 +19,8 @@ How the work is split (PERF_NOTES.md):
   in backward, so memory stays bounded for any batch size. Kept column buffers go back to a small spare
   list once backward used them.
 - pools: direct loops, prange over (n, c) planes, so threads write disjoint memory.
-- dense layers (matmul): rows split over the same workers, single-threaded BLAS, so no OpenBLAS thread
-  is left spinning on a core that the next numba region needs; small products run in one call.
+- dense layers (matmul): row blocks of the product, one np.dot each, in one parallel region; small products
+  run in one call in the calling thread.
 - optimizer updates (sgd_update, adam_update): one fused pass per parameter (numpy makes 3-6 passes and
   temporaries), split over the threads for large parameters: the convnet's SGD step 6.5 -> 3.5 ms.
 Every kernel is deterministic for a fixed thread count: parallel loops write disjoint outputs and every
@@ -28,14 +30,14 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from cnnpipe import ConfigError
 from cnnpipe.backends import import_numba
 
-numba = import_numba()                     # workqueue threading layer (see import_numba)
+numba = import_numba()                     # the OpenMP threading layer where there is one (see import_numba)
+import scipy.linalg.cython_blas  # noqa: E402,F401  the BLAS numba's np.dot calls: loaded now, so it can be pinned
 from numba import njit, prange  # noqa: E402
 
 COL_CHUNK_BYTES = 4 << 20  # im2col bytes per batch chunk: big enough for an efficient sgemm, small for L3
@@ -110,6 +112,59 @@ def _delta_to_fnp(dy, n0, dyT):
         j = r % nb
         for p in range(P):
             dyT[f, j, p] = dy[n0 + j, f, p]
+
+
+@njit(parallel=True, cache=True)
+def _conv_forward_chunks(xp, w2d, b, S, bounds, col_shape, kept, y3):
+    """Forward, one batch chunk per task: im2col -> one sgemm W2d @ col (np.dot: single-threaded BLAS inside
+    this parallel region) -> bias add fused with the (F,nb,P) -> (N,F,P) reorder. Chunk i spans samples
+    bounds[i]..bounds[i+1]; its columns go to kept (flat, laid out chunk after chunk) when kept is not empty."""
+    C, K, Ho, Wo = col_shape                  # col C,K,K,nb,Ho,Wo
+    F = w2d.shape[0]                          # w2d F, C*K*K
+    P, CKK = Ho * Wo, C * K * K
+    for i in prange(len(bounds) - 1):
+        n0, nb = bounds[i], bounds[i + 1] - bounds[i]
+        if kept.size:
+            col = kept[n0 * CKK * P:(n0 + nb) * CKK * P].reshape((C, K, K, nb, Ho, Wo))
+        else:
+            col = np.empty((C, K, K, nb, Ho, Wo), xp.dtype)
+        _im2col(xp, n0, S, col)
+        y2d = np.dot(w2d, col.reshape((CKK, nb * P)))   # F, nb*P
+        _add_bias_to_nfp(y2d.reshape((F, nb, P)), b, n0, y3)
+
+
+@njit(parallel=True, cache=True)
+def _conv_backward_chunks(dy3, xp, w2d, S, pad, bounds, col_shape, kept, need_dx, dx, parts):
+    """Backward, one batch chunk per task: δ reordered to (F,nb,P); rule 5 part[i] = δ2d @ colᵀ; rule 4
+    dx = col2im(W2dᵀ @ δ2d). Columns come from kept (forward's) or are rebuilt from xp."""
+    C, K, Ho, Wo = col_shape
+    F = w2d.shape[0]
+    P, CKK = Ho * Wo, C * K * K
+    for i in prange(len(bounds) - 1):
+        n0, nb = bounds[i], bounds[i + 1] - bounds[i]
+        dyT = np.empty((F, nb, P), dy3.dtype)           # δ as F, nb, P
+        _delta_to_fnp(dy3, n0, dyT)
+        dyT2d = dyT.reshape((F, nb * P))
+        if kept.size:
+            col = kept[n0 * CKK * P:(n0 + nb) * CKK * P].reshape((C, K, K, nb, Ho, Wo))
+        else:
+            col = np.empty((C, K, K, nb, Ho, Wo), xp.dtype)
+            _im2col(xp, n0, S, col)
+        parts[i] = np.dot(dyT2d, col.reshape((CKK, nb * P)).T)      # F, C*K*K
+        if need_dx:
+            dcol = np.dot(w2d.T, dyT2d)                           # C*K*K, nb*P
+            _col2im(dcol.reshape((C, K, K, nb, Ho, Wo)), n0, S, pad, dx)
+
+
+@njit(parallel=True, cache=True)
+def _matmul_rows(a, b, bounds, out):
+    """out[r0:r1] = a[r0:r1] @ b for each row block (one np.dot per task)."""
+    for i in prange(len(bounds) - 1):
+        r0, r1 = bounds[i], bounds[i + 1]
+        out[r0:r1] = np.dot(a[r0:r1], b)
+
+
+INNER_KERNELS = (_im2col, _col2im, _add_bias_to_nfp, _delta_to_fnp)   # called only inside the chunk kernels
 
 
 @njit(parallel=True, cache=True)
@@ -257,21 +312,7 @@ def _adam_parallel(p, g, m, v, lr_bc1, b1, c1, b2, c2, eps, sqrt_bc2, wd, T):
 
 
 # ----------------------------------------------------------------------------------------------------
-# work buffers: one growing flat buffer per (role, dtype) and per thread; never returned to the caller
-
-_tls = threading.local()
-
-
-def _scratch(role, shape, dtype):
-    """A C-contiguous work array of `shape`, reused across calls (contents undefined)."""
-    bufs = _tls.__dict__.setdefault("bufs", {})
-    size = int(np.prod(shape))
-    key = (role, np.dtype(dtype).str)
-    buf = bufs.get(key)
-    if buf is None or buf.size < size:
-        buf = bufs[key] = np.empty(size, dtype)
-    return buf[:size].reshape(shape)
-
+# work buffers and threads
 
 _spare = {}                                 # (size, dtype) -> flat column buffers backward handed back
 
@@ -287,6 +328,24 @@ def _give_back(buf):
     spare = _spare.setdefault((buf.size, buf.dtype.str), [])
     if len(spare) < 2:
         spare.append(buf)
+
+
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_NO_COLS = {d.str: np.empty(0, d) for d in _DTYPES}             # "no kept columns" for the chunk kernels
+_NO_XP = {d.str: np.empty((0, 0, 0, 0), d) for d in _DTYPES}    # "no padded input" (columns are kept)
+_NO_DX = {d.str: np.empty((0, 0, 0, 0), d) for d in _DTYPES}    # "no input gradient" (first layer)
+_tls = threading.local()
+
+
+def _scratch(role, shape, dtype):
+    """A C-contiguous work array of `shape`, reused across calls of the calling thread (contents undefined)."""
+    bufs = _tls.__dict__.setdefault("bufs", {})
+    size = int(np.prod(shape))
+    key = (role, np.dtype(dtype).str)
+    buf = bufs.get(key)
+    if buf is None or buf.size < size:
+        buf = bufs[key] = np.empty(size, dtype)
+    return buf[:size].reshape(shape)
 
 
 def _as(a, dtype):
@@ -307,13 +366,13 @@ def _check_input(x, what):
 
 
 def _chunks(N, bytes_per_sample):
-    """Split range(N) into (i, n0, nb) chunks of at most COL_CHUNK_BYTES of columns each, and at least one
-    per worker thread (a multiple of the thread count where the batch allows)."""
+    """Chunk bounds over range(N): chunks of at most COL_CHUNK_BYTES of columns each, and at least one per
+    thread (a multiple of the thread count where the batch allows). Returns int64 [0, ..., N]."""
     T = _workers()
     count = max(-(-N * bytes_per_sample // COL_CHUNK_BYTES), 1)
     count = min(N, -(-count // T) * T)
     nb = -(-N // count)
-    return [(i, n0, min(nb, N - n0)) for i, n0 in enumerate(range(0, N, nb))]
+    return np.array([*range(0, N, nb), N], np.int64)
 
 
 def _workers():
@@ -322,11 +381,11 @@ def _workers():
 
 
 _BLAS = None
-_POOL = None
 
 
 def _blas_libs():
-    """threadpoolctl controllers of every loaded BLAS (numpy's OpenBLAS; maybe others)."""
+    """threadpoolctl controllers of every loaded BLAS: numpy's OpenBLAS and scipy's (numba's np.dot calls
+    scipy's BLAS; it is loaded with this module)."""
     global _BLAS
     if _BLAS is None:
         try:
@@ -337,35 +396,17 @@ def _blas_libs():
     return _BLAS
 
 
-def _run_chunks(fn, chunks):
-    """Run fn(i, n0, nb) for every chunk: T worker threads take chunks t, t+T, ...; each runs nogil numba
-    kernels and single-threaded BLAS, so exactly T threads compute (no BLAS/numba oversubscription and no
-    spinning BLAS threads stealing the cores numba needs). BLAS threads are restored afterwards."""
-    global _POOL
-    T = min(_workers(), len(chunks))
-    libs = [(lib, n) for lib in _blas_libs() if (n := lib.get_num_threads()) != 1]   # already 1: leave alone
-    for lib, _ in libs:                                  # (setting it wakes OpenBLAS's threads)
-        lib.set_num_threads(1)
-    try:
-        if T == 1:
-            for c in chunks:
-                fn(*c)
-            return
-        if _POOL is None or _POOL[0] != os.getpid() or _POOL[1]._max_workers < T - 1:  # new after a fork
-            _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=T - 1, thread_name_prefix="cnnpipe-numba"))
+class _single_blas:
+    """BLAS single-threaded while a parallel region calls it from every numba thread (a threaded BLAS inside
+    would oversubscribe: measured 8 ms stalls per call); the caller's settings come back afterwards."""
 
-        def work(t):
-            for c in chunks[t::T]:
-                fn(*c)
+    def __enter__(self):
+        self.libs = [(lib, n) for lib in _blas_libs() if (n := lib.get_num_threads()) != 1]
+        for lib, _ in self.libs:                         # already 1 (set_threads does it): nothing to do
+            lib.set_num_threads(1)
 
-        futures = [_POOL[1].submit(work, t) for t in range(1, T)]
-        try:
-            work(0)                                      # the calling thread is worker 0
-        finally:
-            for f in futures:                            # every worker is done before buffers are reused
-                f.result()
-    finally:
-        for lib, n in libs:
+    def __exit__(self, *exc):
+        for lib, n in self.libs:
             lib.set_num_threads(n)
 
 
@@ -415,20 +456,10 @@ def conv2d_forward(x, w, b, stride=1, pad=0):
     w2d = w.reshape(F, CKK)                              # F, C*K*K
     xp = _padded(x, pad)                                 # xp N,C,Hp,Wp
     kept = _take(N * CKK * P, dt) if N * CKK * P * dt.itemsize <= KEEP_COL_BYTES else None
-
-    def chunk(i, n0, nb):
-        if kept is None:
-            col = _scratch("col", (C, K, K, nb, Ho, Wo), dt)
-        else:                                            # chunk i's columns, kept for backward
-            col = kept[n0 * CKK * P:(n0 + nb) * CKK * P].reshape(C, K, K, nb, Ho, Wo)
-        _im2col(xp, n0, S, col)
-        y2d = _scratch("y2d", (F, nb, P), dt)            # F, nb, P
-        np.dot(w2d, col.reshape(CKK, nb * P), out=y2d.reshape(F, nb * P))
-        _add_bias_to_nfp(y2d, b, n0, y3)
-
-    chunks = _chunks(N, CKK * P * dt.itemsize)
-    _run_chunks(chunk, chunks)
-    return y, (x, w, S, pad, [kept, chunks])
+    bounds = _chunks(N, CKK * P * dt.itemsize)          # chunk i: samples bounds[i]..bounds[i+1]
+    with _single_blas():
+        _conv_forward_chunks(xp, w2d, b, S, bounds, (C, K, Ho, Wo), _NO_COLS[dt.str] if kept is None else kept, y3)
+    return y, (x, w, S, pad, [kept, bounds])
 
 
 def conv2d_backward(dy, cache, need_dx=True):
@@ -437,7 +468,7 @@ def conv2d_backward(dy, cache, need_dx=True):
     one partial per batch chunk, summed in chunk order; db = the sum of δ (rule 6). dx is None when
     need_dx is False (the first layer)."""
     x, w, S, pad, keep = cache
-    kept, fwd_chunks = keep
+    kept, fwd_bounds = keep
     keep[0] = None                                       # kept columns serve one backward (then rebuilt)
     dt = x.dtype
     dy = _as(dy, dt)                                     # dy N,F,Ho,Wo
@@ -449,27 +480,13 @@ def conv2d_backward(dy, cache, need_dx=True):
     db = dy3.sum(axis=(0, 2))                            # rule 6 (numpy's pairwise sum: 3-5x faster than a
                                                          # prange over filters here, and deterministic)
     dx = np.empty((N, C, H, W), dt) if need_dx else None
-    w2dT = w.reshape(F, CKK).T                           # C*K*K, F (a view; BLAS reads it transposed)
-    xp = _padded(x, pad) if kept is None else None      # xp N,C,Hp,Wp
-    chunks = _chunks(N, CKK * P * dt.itemsize) if kept is None else fwd_chunks   # kept: laid out by these
-    parts = [None] * len(chunks)                         # rule 5 partials, one per chunk
-
-    def chunk(i, n0, nb):
-        dyT = _scratch("dyT", (F, nb, P), dt)            # δ as F, nb, P
-        _delta_to_fnp(dy3, n0, dyT)
-        dyT2d = dyT.reshape(F, nb * P)
-        if kept is None:
-            col = _scratch("col", (C, K, K, nb, Ho, Wo), dt)
-            _im2col(xp, n0, S, col)
-        else:
-            col = kept[n0 * CKK * P:(n0 + nb) * CKK * P].reshape(C, K, K, nb, Ho, Wo)
-        col2d = col.reshape(CKK, nb * P)
-        parts[i] = np.dot(dyT2d, col2d.T)                # F, C*K*K
-        if need_dx:                                      # rule 4: dcol in col's buffer, then col2im
-            np.dot(w2dT, dyT2d, out=col2d)
-            _col2im(col, n0, S, pad, dx)
-
-    _run_chunks(chunk, chunks)
+    xp = _padded(x, pad) if kept is None else _NO_XP[dt.str]   # xp N,C,Hp,Wp
+    bounds = _chunks(N, CKK * P * dt.itemsize) if kept is None else fwd_bounds   # kept: laid out by these
+    parts = np.empty((len(bounds) - 1, F, CKK), dt)     # rule 5 partials, one per chunk
+    with _single_blas():
+        _conv_backward_chunks(dy3, xp, w.reshape(F, CKK), S, pad, bounds, (C, K, Ho, Wo),
+                              _NO_COLS[dt.str] if kept is None else kept, need_dx,
+                              dx if need_dx else _NO_DX[dt.str], parts)
     if kept is not None:
         _give_back(kept)
     dw2d = parts[0]
@@ -513,26 +530,27 @@ MATMUL_SPLIT_FLOPS = 2e7
 
 
 def matmul(a, b):
-    """a @ b for the dense layers (forward x Wᵀ, backward δᵀx and δW): the rows of `a` split over the same
-    T worker threads as the conv chunks, each with single-threaded BLAS. Letting OpenBLAS thread these
-    itself would leave its workers spinning (~0.1 s, OPENBLAS_THREAD_TIMEOUT) on the cores that the next
-    numba parallel region needs; every output row is one worker's sgemm, so the result is deterministic."""
+    """a @ b for the dense layers (forward x Wᵀ, backward δᵀx and δW): the rows of `a` split over numba's T
+    threads, each with single-threaded BLAS. Letting OpenBLAS thread these itself would leave its workers
+    spinning (OPENBLAS_THREAD_TIMEOUT) on the cores that the next numba parallel region needs; every output
+    row is one thread's sgemm, so the result is deterministic."""
     M, K = a.shape                                       # a M,K (any strides, e.g. δᵀ)
     N = b.shape[1]                                       # b K,N
     out = np.empty((M, N), np.result_type(a, b))         # M,N (fresh)
     a = a if a.dtype == out.dtype else a.astype(out.dtype)
     b = b if b.dtype == out.dtype else b.astype(out.dtype)
-    parts = _workers() if 2.0 * M * N * K >= MATMUL_SPLIT_FLOPS else 1
-    step = -(-M // min(parts, M))
-
-    def rows(i, r0, nr):
-        np.dot(a[r0:r0 + nr], b, out=out[r0:r0 + nr])
-
-    _run_chunks(rows, [(i, r0, min(step, M - r0)) for i, r0 in enumerate(range(0, M, step))])
+    if 2.0 * M * N * K < MATMUL_SPLIT_FLOPS or _workers() == 1:
+        with _single_blas():                             # one call in the calling thread
+            return np.dot(a, b, out=out)
+    a = np.ascontiguousarray(a)                          # e.g. δᵀ: the row blocks must be contiguous
+    b = b if b.flags.c_contiguous or b.flags.f_contiguous else np.ascontiguousarray(b)
+    T = min(_workers(), M)
+    with _single_blas():
+        _matmul_rows(a, b, np.array([r * M // T for r in range(T + 1)], np.int64), out)
     return out
 
 
-UPDATE_SPLIT = 1 << 16  # parameters with fewer elements update in one serial call (a parallel region costs ~40 µs)
+UPDATE_SPLIT = 1 << 16  # parameters with fewer elements update in one serial call
 
 
 def _update(serial, parallel, size, args):
@@ -585,6 +603,10 @@ def warmup(dtype=np.float32):
     for mode in ("max", "mean"):
         p, pc = pool2d_forward(x, 2, 2, mode)
         pool2d_backward(p, pc)
+    a, bounds = np.ones((4, 3), dtype), np.array([0, 2, 4], np.int64)
+    for bm in (np.ones((3, 5), dtype), np.ones((5, 3), dtype).T):   # split dense products: b = W or Wᵀ
+        with _single_blas():
+            _matmul_rows(a, bm, bounds, np.empty((4, 5), dtype))
     for n in (1, UPDATE_SPLIT):                          # serial and parallel optimizer updates
         p, g, m, v = (np.zeros(n, dtype) for _ in range(4))
         sgd_update(p, g, m, 0.1, 0.9, True, 0.1, False)
