@@ -40,7 +40,7 @@ numba = import_numba()                     # the OpenMP threading layer where th
 import scipy.linalg.cython_blas  # noqa: E402,F401  the BLAS numba's np.dot calls: loaded now, so it can be pinned
 from numba import njit, prange  # noqa: E402
 
-COL_CHUNK_BYTES = 4 << 20  # im2col bytes per batch chunk: big enough for an efficient sgemm, small for L3
+COL_CHUNK_BYTES = 256 << 10  # im2col bytes per batch chunk: a chunk's columns stay in L2 (LeNet step 2.7 -> 2.1 ms vs 4 MiB)
 KEEP_COL_BYTES = 64 << 20  # forward keeps a batch's columns up to this size for backward (else rebuilt)
 
 
@@ -115,10 +115,11 @@ def _delta_to_fnp(dy, n0, dyT):
 
 
 @njit(parallel=True, cache=True)
-def _conv_forward_chunks(xp, w2d, b, S, bounds, col_shape, kept, y3):
+def _conv_forward_chunks(xp, w2d, b, S, bounds, col_shape, kept, ywork, y3):
     """Forward, one batch chunk per task: im2col -> one sgemm W2d @ col (np.dot: single-threaded BLAS inside
     this parallel region) -> bias add fused with the (F,nb,P) -> (N,F,P) reorder. Chunk i spans samples
-    bounds[i]..bounds[i+1]; its columns go to kept (flat, laid out chunk after chunk) when kept is not empty."""
+    bounds[i]..bounds[i+1]; its columns go to kept (flat, sample-major like every work buffer here) when kept
+    is not empty, else to a temporary; its product to ywork (flat, N*F*P), reused across calls."""
     C, K, Ho, Wo = col_shape                  # col C,K,K,nb,Ho,Wo
     F = w2d.shape[0]                          # w2d F, C*K*K
     P, CKK = Ho * Wo, C * K * K
@@ -129,20 +130,22 @@ def _conv_forward_chunks(xp, w2d, b, S, bounds, col_shape, kept, y3):
         else:
             col = np.empty((C, K, K, nb, Ho, Wo), xp.dtype)
         _im2col(xp, n0, S, col)
-        y2d = np.dot(w2d, col.reshape((CKK, nb * P)))   # F, nb*P
+        y2d = ywork[n0 * F * P:(n0 + nb) * F * P].reshape((F, nb * P))
+        np.dot(w2d, col.reshape((CKK, nb * P)), y2d)
         _add_bias_to_nfp(y2d.reshape((F, nb, P)), b, n0, y3)
 
 
 @njit(parallel=True, cache=True)
-def _conv_backward_chunks(dy3, xp, w2d, S, pad, bounds, col_shape, kept, need_dx, dx, parts):
-    """Backward, one batch chunk per task: δ reordered to (F,nb,P); rule 5 part[i] = δ2d @ colᵀ; rule 4
-    dx = col2im(W2dᵀ @ δ2d). Columns come from kept (forward's) or are rebuilt from xp."""
+def _conv_backward_chunks(dy3, xp, w2d, S, pad, bounds, col_shape, kept, need_dx, dx, dwork, parts):
+    """Backward, one batch chunk per task: δ reordered to (F,nb,P) in dwork; rule 5 parts[i] = δ2d @ colᵀ;
+    rule 4 dx = col2im(W2dᵀ @ δ2d), the product written over the columns (no longer needed). Columns come from
+    kept (forward's) or are rebuilt from xp."""
     C, K, Ho, Wo = col_shape
     F = w2d.shape[0]
     P, CKK = Ho * Wo, C * K * K
     for i in prange(len(bounds) - 1):
         n0, nb = bounds[i], bounds[i + 1] - bounds[i]
-        dyT = np.empty((F, nb, P), dy3.dtype)           # δ as F, nb, P
+        dyT = dwork[n0 * F * P:(n0 + nb) * F * P].reshape((F, nb, P))   # δ as F, nb, P
         _delta_to_fnp(dy3, n0, dyT)
         dyT2d = dyT.reshape((F, nb * P))
         if kept.size:
@@ -150,10 +153,11 @@ def _conv_backward_chunks(dy3, xp, w2d, S, pad, bounds, col_shape, kept, need_dx
         else:
             col = np.empty((C, K, K, nb, Ho, Wo), xp.dtype)
             _im2col(xp, n0, S, col)
-        parts[i] = np.dot(dyT2d, col.reshape((CKK, nb * P)).T)      # F, C*K*K
+        col2d = col.reshape((CKK, nb * P))
+        np.dot(dyT2d, col2d.T, parts[i])                          # F, C*K*K
         if need_dx:
-            dcol = np.dot(w2d.T, dyT2d)                           # C*K*K, nb*P
-            _col2im(dcol.reshape((C, K, K, nb, Ho, Wo)), n0, S, pad, dx)
+            np.dot(w2d.T, dyT2d, col2d)                           # dcol C*K*K, nb*P over the columns
+            _col2im(col, n0, S, pad, dx)
 
 
 @njit(parallel=True, cache=True)
@@ -458,7 +462,8 @@ def conv2d_forward(x, w, b, stride=1, pad=0):
     kept = _take(N * CKK * P, dt) if N * CKK * P * dt.itemsize <= KEEP_COL_BYTES else None
     bounds = _chunks(N, CKK * P * dt.itemsize)          # chunk i: samples bounds[i]..bounds[i+1]
     with _single_blas():
-        _conv_forward_chunks(xp, w2d, b, S, bounds, (C, K, Ho, Wo), _NO_COLS[dt.str] if kept is None else kept, y3)
+        _conv_forward_chunks(xp, w2d, b, S, bounds, (C, K, Ho, Wo), _NO_COLS[dt.str] if kept is None else kept,
+                             _scratch("y2d", (N * F * P,), dt), y3)
     return y, (x, w, S, pad, [kept, bounds])
 
 
@@ -486,7 +491,7 @@ def conv2d_backward(dy, cache, need_dx=True):
     with _single_blas():
         _conv_backward_chunks(dy3, xp, w.reshape(F, CKK), S, pad, bounds, (C, K, Ho, Wo),
                               _NO_COLS[dt.str] if kept is None else kept, need_dx,
-                              dx if need_dx else _NO_DX[dt.str], parts)
+                              dx if need_dx else _NO_DX[dt.str], _scratch("dyT", (N * F * P,), dt), parts)
     if kept is not None:
         _give_back(kept)
     dw2d = parts[0]
