@@ -129,7 +129,7 @@ def test_need_dx_false_skips_rule4_only(dtype):
     np.testing.assert_array_equal(db0, db1)
 
 
-@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["one-chunk", "one-sample-chunks"])
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["default-chunks", "one-sample-chunks"])
 def test_deterministic_and_chunking_agrees(monkeypatch, chunk_bytes):
     """Two calls are bit-identical; a batch split into chunks (rule 5's sum over chunks) agrees too."""
     x, w, b, dy, S, P = _conv_data((8, 6, 14, 14, 16, 5, 1, 2), np.float32, seed=3)
@@ -238,7 +238,7 @@ def test_bad_input_raises_config_error(call):
 
 
 def test_conv_restores_blas_threads_and_handles_one_thread():
-    """Chunk workers run BLAS single-threaded; the caller's BLAS and numba thread counts come back."""
+    """The chunk kernels call BLAS single-threaded; the caller's BLAS and numba thread counts come back."""
     import numba
     from threadpoolctl import threadpool_info
     before = [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]

@@ -45,8 +45,8 @@ KEEP_COL_BYTES = 64 << 20  # forward keeps a batch's columns up to this size for
 
 
 # ----------------------------------------------------------------------------------------------------
-# numba kernels (cache=True so a second process loads, not compiles). Per-chunk conv kernels are serial
-# and nogil (the chunk workers are the parallelism); the rest prange over disjoint outputs.
+# numba kernels (cache=True so a second process loads, not compiles). The per-chunk conv steps are serial
+# kernels called inside the chunk kernels' prange; every parallel loop writes disjoint outputs.
 
 @njit(nogil=True, cache=True)
 def _im2col(xp, n0, S, col):
