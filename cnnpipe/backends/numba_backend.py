@@ -165,7 +165,7 @@ def _matmul_rows(a, b, bounds, out):
     """out[r0:r1] = a[r0:r1] @ b for each row block (one np.dot per task)."""
     for i in prange(len(bounds) - 1):
         r0, r1 = bounds[i], bounds[i + 1]
-        out[r0:r1] = np.dot(a[r0:r1], b)
+        np.dot(a[r0:r1], b, out[r0:r1])
 
 
 INNER_KERNELS = (_im2col, _col2im, _add_bias_to_nfp, _delta_to_fnp)   # called only inside the chunk kernels
