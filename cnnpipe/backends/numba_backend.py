@@ -28,7 +28,6 @@ reduction runs in one fixed order. Work buffers are reused per thread; returned 
 """
 from __future__ import annotations
 
-import os
 import threading
 
 import numpy as np
@@ -114,6 +113,17 @@ def _delta_to_fnp(dy, n0, dyT):
             dyT[f, j, p] = dy[n0 + j, f, p]
 
 
+@njit(nogil=True, cache=True)
+def _chunk_cols(kept, n0, nb, col_shape):
+    """Chunk (n0, nb)'s column array C,K,K,nb,Ho,Wo: its slice of kept (flat, sample-major) when kept is not
+    empty, else a temporary (contents undefined; an empty kept still carries the dtype)."""
+    C, K, Ho, Wo = col_shape
+    size = C * K * K * Ho * Wo
+    if kept.size:
+        return kept[n0 * size:(n0 + nb) * size].reshape((C, K, K, nb, Ho, Wo))
+    return np.empty((C, K, K, nb, Ho, Wo), kept.dtype)
+
+
 @njit(parallel=True, cache=True)
 def _conv_forward_chunks(xp, w2d, b, S, bounds, col_shape, kept, ywork, y3):
     """Forward, one batch chunk per task: im2col -> one sgemm W2d @ col (np.dot: single-threaded BLAS inside
@@ -125,10 +135,7 @@ def _conv_forward_chunks(xp, w2d, b, S, bounds, col_shape, kept, ywork, y3):
     P, CKK = Ho * Wo, C * K * K
     for i in prange(len(bounds) - 1):
         n0, nb = bounds[i], bounds[i + 1] - bounds[i]
-        if kept.size:
-            col = kept[n0 * CKK * P:(n0 + nb) * CKK * P].reshape((C, K, K, nb, Ho, Wo))
-        else:
-            col = np.empty((C, K, K, nb, Ho, Wo), xp.dtype)
+        col = _chunk_cols(kept, n0, nb, col_shape)
         _im2col(xp, n0, S, col)
         y2d = ywork[n0 * F * P:(n0 + nb) * F * P].reshape((F, nb * P))
         np.dot(w2d, col.reshape((CKK, nb * P)), y2d)
@@ -148,10 +155,8 @@ def _conv_backward_chunks(dy3, xp, w2d, S, pad, bounds, col_shape, kept, need_dx
         dyT = dwork[n0 * F * P:(n0 + nb) * F * P].reshape((F, nb, P))   # δ as F, nb, P
         _delta_to_fnp(dy3, n0, dyT)
         dyT2d = dyT.reshape((F, nb * P))
-        if kept.size:
-            col = kept[n0 * CKK * P:(n0 + nb) * CKK * P].reshape((C, K, K, nb, Ho, Wo))
-        else:
-            col = np.empty((C, K, K, nb, Ho, Wo), xp.dtype)
+        col = _chunk_cols(kept, n0, nb, col_shape)
+        if not kept.size:                                         # not kept: rebuilt from xp
             _im2col(xp, n0, S, col)
         col2d = col.reshape((CKK, nb * P))
         np.dot(dyT2d, col2d.T, parts[i])                          # F, C*K*K
@@ -168,7 +173,7 @@ def _matmul_rows(a, b, bounds, out):
         np.dot(a[r0:r1], b, out[r0:r1])
 
 
-INNER_KERNELS = (_im2col, _col2im, _add_bias_to_nfp, _delta_to_fnp)   # called only inside the chunk kernels
+INNER_KERNELS = (_im2col, _col2im, _add_bias_to_nfp, _delta_to_fnp, _chunk_cols)   # called only inside the chunk kernels
 
 
 @njit(parallel=True, cache=True)
@@ -336,8 +341,7 @@ def _give_back(buf):
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _NO_COLS = {d.str: np.empty(0, d) for d in _DTYPES}             # "no kept columns" for the chunk kernels
-_NO_XP = {d.str: np.empty((0, 0, 0, 0), d) for d in _DTYPES}    # "no padded input" (columns are kept)
-_NO_DX = {d.str: np.empty((0, 0, 0, 0), d) for d in _DTYPES}    # "no input gradient" (first layer)
+_NO_4D = {d.str: np.empty((0, 0, 0, 0), d) for d in _DTYPES}    # "no padded input" / "no input gradient"
 _tls = threading.local()
 
 
@@ -485,13 +489,13 @@ def conv2d_backward(dy, cache, need_dx=True):
     db = dy3.sum(axis=(0, 2))                            # rule 6 (numpy's pairwise sum: 3-5x faster than a
                                                          # prange over filters here, and deterministic)
     dx = np.empty((N, C, H, W), dt) if need_dx else None
-    xp = _padded(x, pad) if kept is None else _NO_XP[dt.str]   # xp N,C,Hp,Wp
+    xp = _padded(x, pad) if kept is None else _NO_4D[dt.str]   # xp N,C,Hp,Wp
     bounds = _chunks(N, CKK * P * dt.itemsize) if kept is None else fwd_bounds   # kept: laid out by these
     parts = np.empty((len(bounds) - 1, F, CKK), dt)     # rule 5 partials, one per chunk
     with _single_blas():
         _conv_backward_chunks(dy3, xp, w.reshape(F, CKK), S, pad, bounds, (C, K, Ho, Wo),
                               _NO_COLS[dt.str] if kept is None else kept, need_dx,
-                              dx if need_dx else _NO_DX[dt.str], _scratch("dyT", (N * F * P,), dt), parts)
+                              dx if need_dx else _NO_4D[dt.str], _scratch("dyT", (N * F * P,), dt), parts)
     if kept is not None:
         _give_back(kept)
     dw2d = parts[0]
@@ -601,7 +605,7 @@ def warmup(dtype=np.float32):
     x = rng.standard_normal((2, 2, 5, 5)).astype(dtype)
     w = rng.standard_normal((3, 2, 3, 3)).astype(dtype)
     b = np.zeros(3, dtype)
-    for stride in (1, 2):                                # direct (thin) and im2col + sgemm paths
+    for stride in (1, 2):                                # im2col's unit-stride and strided loops
         y, cache = conv2d_forward(x, w, b, stride, 1)
         conv2d_backward(y, cache, need_dx=True)
         conv2d_backward(y, cache, need_dx=False)
