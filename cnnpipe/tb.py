@@ -3,7 +3,8 @@
     trainer.callbacks.append(TensorBoardLogger(trainer))     # events go straight into trainer.run_dir
 
 What lands in the run's event file (global step = optimizer steps completed, continued on resume):
-  scalars   train/{loss,accuracy,lr,samples_per_second}      every logger.scalar_every steps (window means)
+  scalars   train/{loss,accuracy,lr,samples_per_second}      every logger.scalar_every steps (window means), and at
+                                                               the run's first step and each epoch's last step
             grad_norm/<layer>.{W,b}  weight_norm/<layer>.{W,b}  update_ratio/<layer>  delta_norm/<layer>
             val/{loss,accuracy} each epoch; test/{loss,accuracy} at the end; probe/loss with the images
   images    input/probe, delta/<conv>, activation/<conv>, filters/<conv>   every logger.image_every steps
@@ -187,6 +188,7 @@ class TensorBoardLogger(Callback):
         self.mark = None                          # (seen, seconds) of the trainer's epoch counters, last step
         self.rate = [0, 0.0]                      # samples, seconds since the last train/ scalars
         self.last_image_step = None
+        self.first_step = 1                       # the first step this process trains (set at train start)
         self.seconds = 0.0                        # wall time spent in this logger's hooks (its cost)
         self.open_seconds = 0.0                   # ... of which opening the event file (imports; once a run)
         split = tr.data.test
@@ -222,14 +224,22 @@ class TensorBoardLogger(Callback):
         self.writer, self.closed = None, True
 
     # -- hooks ---------------------------------------------------------------------------------------------------
+    def scalar_step(self, tr, step) -> bool:
+        """Scalars every scalar_every steps, and at the first step and each epoch's (or max_steps') last step, so
+        that a run shorter than scalar_every shows its gradient and δ norms too."""
+        every = self.cfg.scalar_every
+        return bool(every) and (step % every == 0 or step == self.first_step or step % tr.steps_per_epoch == 0
+                                or step == tr.cfg.trainer.max_steps)
+
     @_timed
     def on_train_start(self, tr):
         self.mark = (tr.epoch_sums[2], tr.epoch_sums[3])
+        self.first_step = tr.step + 1
 
     @_timed
     def on_after_backward(self, tr, lr):
         step = tr.step + 1                                           # the step this backward belongs to
-        if self.cfg.scalar_every and step % self.cfg.scalar_every == 0:
+        if self.scalar_step(tr, step):
             p = self.pending
             for layer in tr.model.layers:
                 for k, g in layer.grads.items():
@@ -259,7 +269,7 @@ class TensorBoardLogger(Callback):
         self.window[1] += acc * n
         self.window[2] += n
         step = tr.step
-        if self.cfg.scalar_every and step % self.cfg.scalar_every == 0:
+        if self.scalar_step(tr, step):
             self._train_scalars(tr, lr, step)
         if self.cfg.image_every and step % self.cfg.image_every == 0:
             self._images(tr, step)

@@ -70,7 +70,7 @@ def test_one_event_file_in_the_run_dir_with_every_scalar(tb_run):
     for tag in tags:
         values = [e.value for e in ea.Scalars(tag)]
         assert values and all(math.isfinite(v) for v in values), tag
-    assert [e.step for e in ea.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
+    assert [e.step for e in ea.Scalars("train/loss")] == [1, 2, 4, 6, 8, 10, 12]    # the first step too
     assert [e.step for e in ea.Scalars("val/accuracy")] == [6, 12]
     assert ea.Scalars("test/accuracy")[-1].value == pytest.approx(metrics["test_acc"])
     assert all(e.value > 0 for tag in tags if tag.startswith(("grad_norm/", "delta_norm/", "update_ratio/"))
@@ -168,7 +168,7 @@ def test_resumed_steps_continue_and_the_update_ratio_is_true(compose_cfg, fashio
                                          "optim.momentum": "0", "optim.lr": "0.05"})
     fit_with_logger(compose_cfg(ov), tmp_path, step0=1000)
     ea = accumulate(tmp_path)
-    assert [e.step for e in ea.Scalars("train/loss")] == [1002, 1004, 1006]
+    assert [e.step for e in ea.Scalars("train/loss")] == [1001, 1002, 1004, 1006]
     assert [e.step for e in ea.Images("delta/conv1")] == [1004, 1006]    # every image_every, and the last step
     assert not ea.Tags()["histograms"]
     last = lambda tag: [e.value for e in ea.Scalars(tag)]
@@ -254,7 +254,7 @@ def test_a_real_tensorboard_server_serves_the_run(tb_run):
         images = _get(f"{base}/data/plugin/images/tags")
         assert {"delta/conv1", "delta/conv2", "filters/conv1", "confusion/val"} <= set(images[run])
         points = _get(f"{base}/data/plugin/scalars/scalars?run={run}&tag=train/loss")
-        assert [p[1] for p in points] == [2, 4, 6, 8, 10, 12]
+        assert [p[1] for p in points] == [1, 2, 4, 6, 8, 10, 12]
     finally:
         proc.terminate()
         try:
