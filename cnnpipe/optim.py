@@ -69,7 +69,37 @@ class Adam(Optimizer):
                            self.weight_decay, self.t)
 
 
+def check_optim_values(cfg):
+    """Values that cannot train are refused before any data is loaded (a negative or NaN lr would only show up
+    as a NaN loss a few steps in)."""
+    def bad(key, value, rule):
+        raise ConfigError(f"optim.{key}={value!r} cannot work: {rule}. Fix it on the command line (optim.{key}=...) "
+                          f"or in conf/optim/{cfg.name}.yaml.")
+    finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
+    if not finite(cfg.lr) or cfg.lr <= 0:
+        bad("lr", cfg.lr, "the learning rate must be a finite number > 0")
+    if not finite(cfg.weight_decay) or cfg.weight_decay < 0:
+        bad("weight_decay", cfg.weight_decay, "weight decay must be a finite number >= 0")
+    if cfg.name == "sgd" and (not finite(cfg.momentum) or not 0 <= cfg.momentum < 1):
+        bad("momentum", cfg.momentum, "momentum must be in [0, 1)")
+    if cfg.name == "adam":
+        if len(cfg.betas) != 2 or not all(finite(b) and 0 <= b < 1 for b in cfg.betas):
+            bad("betas", list(cfg.betas), "Adam's betas must be two numbers in [0, 1)")
+        if not finite(cfg.eps) or cfg.eps <= 0:
+            bad("eps", cfg.eps, "eps must be a finite number > 0")
+    if cfg.schedule == "step":
+        if cfg.step_size < 1:
+            bad("step_size", cfg.step_size, "schedule=step needs step_size >= 1 epoch")
+        if not finite(cfg.gamma) or not 0 < cfg.gamma <= 1:
+            bad("gamma", cfg.gamma, "schedule=step multiplies the lr by gamma, which must be in (0, 1]")
+    if cfg.schedule == "cosine" and (not finite(cfg.min_lr) or not 0 <= cfg.min_lr <= cfg.lr):
+        bad("min_lr", cfg.min_lr, f"schedule=cosine decays to min_lr, which must be in [0, lr={cfg.lr}]")
+    if cfg.schedule not in ("constant", "step", "cosine"):
+        bad("schedule", cfg.schedule, "choose constant, step or cosine")
+
+
 def build_optimizer(cfg, params, backend=None):
+    check_optim_values(cfg)
     name = cfg.name
     if name == "sgd":
         return SGD(params, cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
