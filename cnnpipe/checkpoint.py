@@ -13,6 +13,7 @@ Shuffling and augmentation are drawn from (seed, epoch), so the state above is a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import zipfile
 from pathlib import Path
@@ -21,6 +22,8 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from cnnpipe import ConfigError
+
+log = logging.getLogger("cnnpipe")
 
 FORMAT_VERSION = 1
 # Keys that define the network: they must match to load a checkpoint's parameters.
@@ -168,23 +171,73 @@ def resume_config(cfg, ckpt, overrides: list[str] | None):
     return merged
 
 
+def param_differences(params: dict[str, np.ndarray], saved: dict[str, np.ndarray]) -> list[str]:
+    """What stops `saved` arrays from loading into `params`, matched by name and shape: one line each."""
+    out = [f"{k}: model {params[k].shape} vs checkpoint {saved[k].shape}" for k in params
+           if k in saved and saved[k].shape != params[k].shape]
+    out += [f"{k}: missing from checkpoint" for k in params if k not in saved]
+    out += [f"{k}: not in the model" for k in saved if k not in params]
+    return out
+
+
+def _section(ckpt, prefix) -> dict[str, np.ndarray]:
+    return {k[len(prefix):]: v for k, v in ckpt.items() if k.startswith(prefix)}
+
+
 def check_params(model, ckpt):
     """Every parameter present with the model's shape, or a CheckpointError listing what differs."""
-    path, have = str(ckpt["_path"]), {k[6:]: v for k, v in ckpt.items() if k.startswith("param/")}
-    want = {k: v.shape for k, v in model.named_params().items()}
-    problems = [f"{k}: model {want[k]} vs checkpoint {have[k].shape}" for k in want if k in have and have[k].shape != want[k]]
-    problems += [f"{k}: missing from checkpoint" for k in want if k not in have]
-    problems += [f"{k}: not in the model" for k in have if k not in want]
+    problems = param_differences(model.named_params(), _section(ckpt, "param/"))
     if problems:
-        raise CheckpointError(f"Checkpoint {path} was saved from another architecture; these parameters differ: "
-                              f"{'; '.join(problems)}. Use the model settings it was trained with, or another checkpoint.")
+        raise CheckpointError(f"Checkpoint {ckpt['_path']} was saved from another architecture; these parameters "
+                              f"differ: {'; '.join(problems)}. Use the model settings it was trained with, or another "
+                              f"checkpoint.")
+
+
+def init_from_checkpoint(tr, ckpt, strict=True, optimizer=False) -> dict:
+    """A new run starts from the checkpoint's weights (and optimizer state with `optimizer`): layers match by name
+    and shape. strict: any difference is an error; otherwise the differing ones keep their fresh initialisation
+    and are listed. Returns what was loaded and skipped (for metrics.json)."""
+    path, params, saved = str(ckpt["_path"]), tr.model.named_params(), _section(ckpt, "param/")
+    problems = param_differences(params, saved)
+    if problems and strict:
+        raise CheckpointError(f"init_from={path}: these parameters do not match the model by name and shape: "
+                              f"{'; '.join(problems)}. Set init_from_strict=false to load the matching ones and keep "
+                              f"the others freshly initialised (e.g. a new last layer for another dataset).")
+    loaded = [k for k in params if k in saved and saved[k].shape == params[k].shape]
+    for k in loaded:
+        params[k][...] = saved[k]
+    skipped = [p.split(":")[0] for p in problems if "not in the model" not in p]
+    if optimizer:
+        skipped_state = _init_optimizer_state(tr.optimizer, _section(ckpt, "optim/"), loaded, path, strict)
+        skipped += [k for k in skipped_state if k not in skipped]
+    log.info("init_from %s: loaded %d parameter arrays%s%s", path, len(loaded),
+             " and the optimizer state" if optimizer else "",
+             f"; skipped (kept their fresh initialisation): {'; '.join(problems)}" if problems else "")
+    return {"path": path, "loaded": loaded, "skipped": skipped, "optimizer": bool(optimizer)}
+
+
+def _init_optimizer_state(opt, saved: dict[str, np.ndarray], loaded: list[str], path, strict) -> list[str]:
+    """Copy the saved optimizer buffers of the loaded parameters into `opt`; returns the parameters without one."""
+    state = opt.state_dict()
+    wanted = [k for k in state if k != "t" and k.split("/", 1)[1] in loaded]
+    missing = [k for k in wanted if k not in saved or saved[k].shape != state[k].shape]
+    if missing and strict:
+        raise CheckpointError(f"init_from={path} init_from_optimizer=true: the checkpoint has no matching optimizer "
+                              f"state for {', '.join(missing)} (saved keys: {', '.join(sorted(saved)) or 'none'}); "
+                              f"was it trained with another optimizer? Drop init_from_optimizer, or set "
+                              f"init_from_strict=false to load what matches.")
+    state.update({k: saved[k] for k in wanted if k not in missing})
+    if "t" in saved:
+        state["t"] = saved["t"]
+    opt.load_state_dict(state)
+    return sorted({k.split("/", 1)[1] for k in missing})
 
 
 def restore(tr, ckpt):
     """Put parameters, optimizer, trainer position and RNG state back exactly as they were saved."""
     check_params(tr.model, ckpt)
-    tr.model.load_params({k[6:]: v for k, v in ckpt.items() if k.startswith("param/")})
-    tr.optimizer.load_state_dict({k[6:]: v for k, v in ckpt.items() if k.startswith("optim/")})
+    tr.model.load_params(_section(ckpt, "param/"))
+    tr.optimizer.load_state_dict(_section(ckpt, "optim/"))
     tr.epoch, tr.step = int(ckpt["trainer/epoch"]), int(ckpt["trainer/step"])
     tr.batch_in_epoch = int(ckpt["trainer/batch_in_epoch"])
     sums = ckpt["trainer/epoch_sums"]

@@ -133,11 +133,17 @@ class TrainConf:
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
     sweep: SweepConf = field(default_factory=SweepConf)
     dtype: str = "float32"              # float32 | float64
-    resume: Optional[str] = None        # a checkpoint .npz or a run directory
+    resume: Optional[str] = None        # a checkpoint .npz or a run directory: continue that run
+    init_from: Optional[str] = None     # a checkpoint .npz or a run directory: a new run from its weights
+    init_from_strict: bool = True       # every parameter must match by name and shape (false: skip the others)
+    init_from_optimizer: bool = False   # also take the optimizer state (momentum, Adam moments)
     optimized_metric: Optional[str] = None   # what train() returns; None: val_acc, or test_acc without validation
     name: str = "train"
 
 
 def register_configs():
+    from omegaconf import OmegaConf
+    from cnnpipe.rundir import fresh_dir
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConf)
+    OmegaConf.register_new_resolver("fresh_dir", fresh_dir, use_cache=True, replace=True)

@@ -9,7 +9,7 @@ what Hydra does not do:
   interrupted one (checkpoints/last.npz) continues from its checkpoint.
 - `SweepCallback` (hydra.callbacks in conf/train.yaml): before the jobs start, a per-job numba/BLAS thread limit
   when jobs share this machine's cores; after they end, summary.csv + summary.md in the sweep directory.
-- `check_plugins`: a launcher/sweeper plugin that is not installed is a clear error naming the extra to install.
+- `missing_plugin`: a launcher/sweeper plugin that is not installed is a clear error naming the extra to install.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import traceback
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
 log = logging.getLogger("cnnpipe.sweep")
 
@@ -75,13 +76,6 @@ def _importable(module: str) -> bool:
         return False
 
 
-def check_plugins(argv: list[str]):
-    message = missing_plugin(argv)
-    if message:
-        from cnnpipe.cli import fail
-        fail(message)
-
-
 # -- one job of a multirun --------------------------------------------------------------------------------------
 def run_job(cfg, hc, train_fn) -> float:
     """Run one multirun job in its directory; returns the optimized metric, or NaN when the job failed.
@@ -99,21 +93,18 @@ def run_job(cfg, hc, train_fn) -> float:
     record = {"num": hc.job.num, "overrides": overrides, "status": "running", "error": None,
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": 0.0, "resumed": False}
 
+    if cfg.sweep.resume and prior is not None and prior.get("overrides") != overrides:
+        # another sweep's job (a sweeper whose jobs are not known up front: see check_sweep_dir): left as it was
+        log.error(f"sweep.resume=true, but job {hc.job.num} in {job_dir} was run with the overrides "
+                  f"{' '.join(prior.get('overrides') or [])!r}, and this sweep gives it {' '.join(overrides)!r}. "
+                  f"Its results were left as they were. Resume with exactly the command that started the sweep, "
+                  f"or use a new hydra.sweep.dir.")
+        return math.nan
     if cfg.sweep.resume and prior is not None:
-        if prior.get("overrides") != overrides:
-            record = dict(prior, status="failed", refused_overrides=overrides, error=(
-                f"sweep.resume=true, but job {hc.job.num} in {job_dir} was run with the overrides "
-                f"{' '.join(prior.get('overrides') or [])!r}, and this sweep gives it {' '.join(overrides)!r}. "
-                f"Its results were left as they were. Resume with exactly the command that started the sweep, or use a new "
-                f"hydra.sweep.dir."))
-            write_json(job_file, record)
-            log.error(record["error"])
-            return math.nan
         record["seconds"] = float(prior.get("seconds") or 0.0)
     if cfg.sweep.resume and (job_dir / "metrics.json").exists():            # finished before: keep it as it is
         metrics = read_json(job_dir / "metrics.json")
         record = dict(prior or record, status="finished", error=None, skipped_on_resume=True)
-        record.pop("refused_overrides", None)
         try:
             value = optimized_metric(cfg, metrics)
         except ConfigError as e:
@@ -123,8 +114,8 @@ def run_job(cfg, hc, train_fn) -> float:
         write_json(job_file, record)
         log.info("job %s finished in an earlier run of this sweep: skipped (%s)", hc.job.num, job_dir)
         return value
-    if cfg.sweep.resume and cfg.resume is None and (job_dir / "checkpoints" / "last.npz").exists():
-        cfg.resume = str(job_dir)                                            # continue in place
+    if cfg.sweep.resume and (job_dir / "checkpoints" / "last.npz").exists():
+        cfg.resume = str(job_dir)              # continue in place (also a job that started from resume=<another run>)
         record["resumed"] = True
         log.info("job %s resumes from %s", hc.job.num, job_dir / "checkpoints" / "last.npz")
 
@@ -165,6 +156,12 @@ def metric_name(cfg, metrics) -> str:
 # -- the callback: thread limits before, summary after ---------------------------------------------------------
 class SweepCallback(Callback):
     def on_multirun_start(self, config, **kwargs):
+        from cnnpipe import ConfigError
+        from cnnpipe.cli import fail
+        try:
+            check_sweep_dir(config)
+        except ConfigError as e:
+            fail(str(e))
         threads, parallel = job_threads(config)
         if threads is not None:
             os.environ[THREADS_ENV] = str(threads)
@@ -181,6 +178,44 @@ class SweepCallback(Callback):
         write_summary(sweep_dir, rows)
         failed_jobs[:] = [r for r in rows if r["status"] != "finished"]
         print(format_top(rows, sweep_dir, direction), flush=True)
+
+
+def planned_jobs(hydra_cfg) -> list[list[str]] | None:
+    """Each job's overrides, in job-number order, as the basic sweeper will launch them; None for other sweepers
+    (Optuna proposes its trials as it goes)."""
+    if "BasicSweeper" not in str(hydra_cfg.sweeper.get("_target_", "")):
+        return None
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    params = [f"{k}={v}" for k, v in (hydra_cfg.sweeper.get("params") or {}).items()]
+    parsed = OverridesParser.create().parse_overrides(params + list(hydra_cfg.overrides.task))
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def check_sweep_dir(config):
+    """Before any job starts: the jobs get distinct directories, and a resumed sweep is the same sweep (every
+    existing job directory was run with the overrides this command gives that job number)."""
+    from cnnpipe import ConfigError
+    hydra_cfg = config.hydra
+    subdir = str(OmegaConf.to_container(hydra_cfg.sweep, resolve=False).get("subdir"))   # unresolved
+    if not any(key in subdir for key in ("hydra.job.num", "hydra.job.id", "hydra.job.override_dirname")):
+        raise ConfigError(f"hydra.sweep.subdir={subdir} gives every job of the sweep the same directory; "
+                          f"each job must write into its own. Include ${{hydra.job.num}} (the default) or "
+                          f"${{hydra.job.override_dirname}} in it.")
+    if not config.sweep.resume:
+        return
+    sweep_dir, jobs = Path(str(hydra_cfg.sweep.dir)), planned_jobs(hydra_cfg)
+    if jobs is None or not sweep_dir.is_dir():
+        return
+    for num, overrides in enumerate(jobs):
+        overrides = [o for o in overrides if not o.startswith("sweep.resume=")]
+        prior = read_json(sweep_dir / str(num) / JOB_FILE)
+        if prior is not None and prior.get("overrides") != overrides:
+            raise ConfigError(
+                f"sweep.resume=true, but job {num} in {sweep_dir / str(num)} was run with the overrides "
+                f"{' '.join(prior.get('overrides') or [])!r}, and this command gives it {' '.join(overrides)!r}: "
+                f"{sweep_dir} holds another sweep. Nothing was run and its results are left as they were. Resume "
+                f"with exactly the command that started the sweep, or use a new hydra.sweep.dir.")
 
 
 def cpu_count() -> int:

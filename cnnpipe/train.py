@@ -51,6 +51,7 @@ class Trainer:
         self.threads = set_threads(cfg.backend.threads, cfg.backend.name)
         self.backend = get_backend(cfg.backend.name)
         self.model = build_model(cfg, self.backend)          # shape checks happen here, before any data
+        self.optimizer = build_optimizer(cfg.optim, self.model.named_params(), self.backend)   # value checks too
         check_writable(self.run_dir)
         _log_to_file(self.run_dir / "train.log")
         log.info("model %s (%s backend, %s, %d threads)\n%s", cfg.model.name, cfg.backend.name, cfg.dtype,
@@ -63,7 +64,6 @@ class Trainer:
         self.data = load_data(cfg.data, cfg.trainer.seed)
         log.info("data %s from %s: train %d, val %d, test %d", self.data.name, self.data.source,
                  len(self.data.train.y), 0 if self.data.val is None else len(self.data.val.y), len(self.data.test.y))
-        self.optimizer = build_optimizer(cfg.optim, self.model.named_params(), self.backend)
         self.steps_per_epoch = num_batches(len(self.data.train.y), cfg.trainer.batch_size)
         self.total_steps = cfg.trainer.epochs * self.steps_per_epoch
         # trainer state (everything a checkpoint needs besides parameters, optimizer and RNGs)
@@ -72,6 +72,9 @@ class Trainer:
         self.epoch_sums = [0.0, 0, 0, 0.0]                   # loss·n, correct, n, seconds inside the current epoch
         self.val_preds = None                                # last validation predictions (confusion matrix)
         self.stop_requested = None                           # set to a reason (e.g. "SIGTERM") to stop after this step
+        self.resumed_from = None                             # the checkpoint this run continues (resume=)
+        self.branched = False                                # ... from another run's directory
+        self.init_from = None                                # what init_from= loaded and skipped
         self.callbacks: list[Callback] = []
 
     # -- the loop -------------------------------------------------------------------------------------------
@@ -153,7 +156,7 @@ class Trainer:
             "samples_per_second": self.step and self._samples_seen() / max(secs, 1e-9),
             "backend": self.cfg.backend.name, "threads": self.threads, "seed": self.cfg.trainer.seed,
             "dtype": self.cfg.dtype, "model": self.cfg.model.name, "dataset": self.data.name,
-            "history": h, "best": self.best,
+            "history": h, "best": self.best, "resumed_from": self.resumed_from, "init_from": self.init_from,
         }
         log.info("test: loss %.4f, accuracy %.4f", test_loss, test_acc)
         write_json_atomic(self.run_dir / "metrics.json", metrics)
@@ -211,17 +214,37 @@ def optimized_metric(cfg, metrics):
 
 
 def make_trainer(cfg, run_dir, overrides=None) -> Trainer:
-    """A Trainer with its callbacks; with cfg.resume, rebuilt from the checkpoint and continuing in its run dir."""
-    from cnnpipe.checkpoint import Checkpointer, load_checkpoint, restore, resume_config, run_dir_of
+    """A Trainer writing into run_dir, with its callbacks. With cfg.resume: rebuilt from the checkpoint's state;
+    in the checkpoint's own run directory it continues that run, elsewhere it starts a new run from that state and
+    the source run is only read. With cfg.init_from: a new run (step 0) from the checkpoint's weights."""
+    from cnnpipe.checkpoint import (Checkpointer, init_from_checkpoint, load_checkpoint, restore, resume_config,
+                                    run_dir_of, save_atomic, checkpoint_arrays)
+    if cfg.resume and cfg.init_from:
+        raise ConfigError(f"resume={cfg.resume} and init_from={cfg.init_from} were both given: resume= continues a "
+                          f"run (its step, optimizer and position), init_from= starts a new run from a checkpoint's "
+                          f"weights. Give one of them.")
     ckpt = None
     if cfg.resume:
         ckpt = load_checkpoint(cfg.resume)
-        cfg, run_dir = resume_config(cfg, ckpt, overrides), run_dir_of(ckpt)
+        cfg = resume_config(cfg, ckpt, overrides)
     trainer = Trainer(cfg, run_dir)
     if ckpt is not None:
         restore(trainer, ckpt)
-        log.info("resumed from %s at epoch %d, step %d (batch %d of the epoch)", ckpt["_path"], trainer.epoch,
-                 trainer.step, trainer.batch_in_epoch)
+        source = run_dir_of(ckpt)
+        trainer.resumed_from = str(ckpt["_path"])
+        if source.resolve() == trainer.run_dir.resolve():
+            log.info("resumed from %s at epoch %d, step %d (batch %d of the epoch)", ckpt["_path"], trainer.epoch,
+                     trainer.step, trainer.batch_in_epoch)
+        else:                                   # a new run from that state: its own copy, the source only read
+            trainer.branched = True
+            save_atomic(trainer.run_dir / "checkpoints" / "last.npz", checkpoint_arrays(trainer))
+            log.info("resumed from %s at epoch %d, step %d (batch %d of the epoch) into the new run directory %s; "
+                     "%s is left as it is", ckpt["_path"], trainer.epoch, trainer.step, trainer.batch_in_epoch,
+                     trainer.run_dir, source)
+    if cfg.init_from:
+        init = load_checkpoint(cfg.init_from)
+        trainer.init_from = init_from_checkpoint(trainer, init, strict=cfg.init_from_strict,
+                                                 optimizer=cfg.init_from_optimizer)
     if cfg.checkpoint.enabled:
         trainer.callbacks.append(Checkpointer(trainer))
     if cfg.logger.tensorboard:

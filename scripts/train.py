@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cnnpipe.cli import check_output_dir_args, resume_run_dir_args, run_guarded
+from cnnpipe.cli import check_command_line, run_guarded
 from cnnpipe.config import register_configs
 
 register_configs()
@@ -27,9 +27,7 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     from cnnpipe import sweep
-    sweep.check_plugins(sys.argv[1:])              # hydra/launcher=ray without the plugin: say which extra
-    sys.argv += resume_run_dir_args(sys.argv[1:])
-    check_output_dir_args(sys.argv[1:])
+    sys.argv += check_command_line(sys.argv[1:])   # plugins installed, run dir free and creatable (exit 2 if not)
     try:
         main()
     except KeyboardInterrupt:                      # Ctrl-C outside the training loop (start-up, shutdown)

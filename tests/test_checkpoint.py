@@ -56,8 +56,8 @@ def test_resume_is_bit_identical(compose_cfg, fashion_root, tmp_path, backend):
     m_straight = straight.fit()
     # one epoch, then resume to two (a checkpoint at an epoch boundary)
     make_trainer(compose_cfg(_overrides(fashion_root, backend, **{"trainer.epochs": "1"})), tmp_path / "a").fit()
-    resumed = make_trainer(compose_cfg(_overrides(fashion_root, backend, resume=str(tmp_path / "a"))), tmp_path / "x")
-    assert resumed.run_dir == tmp_path / "a" and resumed.step == resumed.steps_per_epoch
+    resumed = make_trainer(compose_cfg(_overrides(fashion_root, backend, resume=str(tmp_path / "a"))), tmp_path / "a")
+    assert resumed.step == resumed.steps_per_epoch
     m_resumed = resumed.fit()
     # stopped in the middle of epoch 1 (step 4 of 6), then resumed
     tr = make_trainer(compose_cfg(_overrides(fashion_root, backend)), tmp_path / "b")
@@ -65,7 +65,8 @@ def test_resume_is_bit_identical(compose_cfg, fashion_root, tmp_path, backend):
     with pytest.raises(Interrupted):
         tr.fit()
     assert int(load_checkpoint(tmp_path / "b")["trainer/batch_in_epoch"]) == 4 < tr.steps_per_epoch
-    m_mid = make_trainer(compose_cfg(_overrides(fashion_root, backend, resume=str(tmp_path / "b"))), tmp_path).fit()
+    m_mid = make_trainer(compose_cfg(_overrides(fashion_root, backend, resume=str(tmp_path / "b"))),
+                         tmp_path / "b").fit()
     for m in (m_resumed, m_mid):
         assert m["test_loss"] == m_straight["test_loss"]
         assert m["history"]["train_loss"] == m_straight["history"]["train_loss"]

@@ -205,12 +205,18 @@ def test_killed_sweep_resumes_skipping_finished_jobs(fashion_root, tmp_path):
     assert [rows[j]["status"] for j in "012"] == ["finished"] * 3
     assert rows["1"]["resumed"] == "True" and rows["0"]["resumed"] == "False"
 
-    # the same sweep dir with a different command is refused job by job, nothing overwritten
+    # the same sweep dir with a different command is refused before any job starts: not one file changes
     args[args.index("trainer.epochs=1,12,2")] = "trainer.epochs=3,12,2"
+    files = tree_state(sweep)
     r = subprocess.run([PY, *args, "sweep.resume=true"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1
-    assert (done.read_bytes(), done.stat().st_mtime_ns) == before
-    assert "was run with the overrides" in json.loads((sweep / "0" / "job.json").read_text())["error"]
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 2 and "job 0" in err and "was run with the overrides" in err and "Traceback" not in err
+    assert tree_state(sweep) == files
+
+
+def tree_state(root: Path) -> dict:
+    """Every file under root with its bytes and modification time."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_a_launcher_that_is_not_installed_names_the_extra(tmp_path):
