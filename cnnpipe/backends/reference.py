@@ -91,6 +91,7 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int = 1,
     Ho, Wo = _out_size(H, K, S, P, "conv2d"), _out_size(W, K, S, P, "conv2d")   # a clear error if K does not fit
     w, b = w.astype(x.dtype, copy=False), b.astype(x.dtype, copy=False)
     xp = zeropad(x, P)                                                                # N,C,Hp,Wp
+    # Σ over the channels one at a time (all at once would hold an N,F,C,Hf,Wf temporary)
     y = sum(conv2d(xp[:, None, c], w[None, :, c], "valid") for c in range(C))        # N,F,Hf,Wf   Σ over c
     y = y[:, :, ::S, ::S] + b[:, None, None]                                          # N,F,Ho,Wo
     return np.ascontiguousarray(y), ConvCache(xp, w, S, P)
