@@ -21,7 +21,8 @@ import os
 
 from cnnpipe import ConfigError
 
-BACKENDS = {"numpy": "cnnpipe.backends.numpy_backend", "numba": "cnnpipe.backends.numba_backend"}
+BACKENDS = {"numpy": "cnnpipe.backends.numpy_backend", "numba": "cnnpipe.backends.numba_backend",
+            "reference": "cnnpipe.backends.reference"}
 
 
 def get_backend(name: str):
