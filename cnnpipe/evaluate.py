@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint on the test split: loss, accuracy, per-class accuracy, confusion matrix."""
+"""Evaluation: loss, accuracy and predictions over a split; a checkpoint on the test split with per-class accuracy
+and the confusion matrix."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,14 +7,28 @@ from omegaconf import OmegaConf
 
 from cnnpipe import ConfigError
 from cnnpipe.backends import get_backend, set_threads
-from cnnpipe.checkpoint import check_params, checkpoint_config, load_checkpoint
-from cnnpipe.data import load_data
+from cnnpipe.checkpoint import checkpoint_config, load_checkpoint, section
+from cnnpipe.data import batches, load_data
+from cnnpipe.losses import log_softmax
+from cnnpipe.metrics import confusion_matrix
 from cnnpipe.model import build_model
+from cnnpipe.resume import check_params
 
 
-def evaluate_checkpoint(path, overrides: list[str] = ()):
+def evaluate_split(model, split, data, batch_size: int) -> tuple[float, float, np.ndarray]:
+    """Mean loss, accuracy and predictions over a split, in eval mode (no dropout)."""
+    loss_sum, preds = 0.0, []
+    for x, y in batches(split, batch_size, mean=data.mean, std=data.std, dtype=model.dtype):
+        logits = model.forward(x, train=False)                           # N,classes
+        loss_sum -= float(log_softmax(logits)[np.arange(len(y)), y].sum())
+        preds.append(logits.argmax(1))
+    preds = np.concatenate(preds) if preds else np.zeros(0, np.int64)
+    n = max(len(split.y), 1)
+    return loss_sum / n, float((preds == split.y).mean()) if len(preds) else 0.0, preds
+
+
+def evaluate_checkpoint(path, overrides: list[str] = ()) -> dict:
     """Returns a dict: test_loss, test_acc, per_class_acc, confusion (rows true, columns predicted), classes."""
-    from cnnpipe.train import evaluate_split
     ckpt = load_checkpoint(path)
     cfg = checkpoint_config(ckpt)
     bad = [o for o in overrides if not (o.startswith("data.") or o.startswith("backend.") or
@@ -25,18 +40,16 @@ def evaluate_checkpoint(path, overrides: list[str] = ()):
     set_threads(cfg.backend.threads, cfg.backend.name)
     model = build_model(cfg, get_backend(cfg.backend.name))
     check_params(model, ckpt)
-    model.load_params({k[6:]: v for k, v in ckpt.items() if k.startswith("param/")})
+    model.load_params(section(ckpt, "param/"))
     data = load_data(cfg.data, cfg.trainer.seed)
     loss, acc, preds = evaluate_split(model, data.test, data, cfg.trainer.eval_batch_size)
-    k = data.num_classes
-    confusion = np.zeros((k, k), dtype=np.int64)
-    np.add.at(confusion, (data.test.y, preds), 1)
+    confusion = confusion_matrix(data.test.y, preds, data.num_classes)
     per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
     return {"checkpoint": str(ckpt["_path"]), "test_loss": loss, "test_acc": acc, "classes": list(data.classes),
             "per_class_acc": per_class.tolist(), "confusion": confusion.tolist(), "n": int(len(data.test.y))}
 
 
-def format_report(r) -> str:
+def format_report(r: dict) -> str:
     lines = [f"checkpoint {r['checkpoint']}", f"test loss {r['test_loss']:.4f}   accuracy {r['test_acc']:.4f}   "
              f"({r['n']} images)", "", f"{'class':<14}{'accuracy':>9}"]
     lines += [f"{str(c)[:13]:<14}{a:>9.4f}" for c, a in zip(r["classes"], r["per_class_acc"])]

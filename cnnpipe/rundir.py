@@ -137,3 +137,15 @@ def check_creatable(argv: list[str]):
     if problem:
         raise ConfigError(f"The output directory {value} cannot be created: {problem}. Choose another place with "
                           f"{key}=<path> (or fix the permissions) and run again; nothing was trained.")
+
+
+def check_writable(run_dir: Path) -> None:
+    """The run directory exists and takes files, or a ConfigError saying which and how to fix it."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"The run directory {run_dir} is not writable ({e.strerror}). Choose another with "
+                          f"hydra.run.dir=<path>, or fix its permissions, then run again.") from None

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -26,6 +25,9 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
+
+from cnnpipe.jsonio import read_json, write_json_atomic
+from cnnpipe.metrics import optimized_metric, optimized_metric_name
 
 log = logging.getLogger("cnnpipe.sweep")
 
@@ -84,7 +86,7 @@ def run_job(cfg, hc, train_fn) -> float:
     (Ctrl-C, SIGTERM) does end it: the job saves checkpoints/last.npz and the sweep exits, resumable with
     sweep.resume=true."""
     from cnnpipe import ConfigError
-    from cnnpipe.train import Interrupted, optimized_metric
+    from cnnpipe.train import Interrupted
     job_dir = Path(hc.runtime.output_dir)
     overrides = [o for o in hc.overrides.task if not o.startswith("sweep.resume=")]
     sweep_dir = Path(hc.sweep.dir)
@@ -110,8 +112,8 @@ def run_job(cfg, hc, train_fn) -> float:
         except ConfigError as e:
             record.update(status="failed", error=str(e))
             value = math.nan
-        record["metric_name"] = metric_name(cfg, metrics)
-        write_json(job_file, record)
+        record["metric_name"] = optimized_metric_name(cfg, metrics)
+        write_json_atomic(job_file, record)
         log.info("job %s finished in an earlier run of this sweep: skipped (%s)", hc.job.num, job_dir)
         return value
     if cfg.sweep.resume and (job_dir / "checkpoints" / "last.npz").exists():
@@ -124,11 +126,11 @@ def run_job(cfg, hc, train_fn) -> float:
         cfg.backend.threads = int(env_threads)
     record["threads"] = cfg.backend.threads
     record["sweep_dir"] = str(sweep_dir)
-    write_json(job_file, record)
+    write_json_atomic(job_file, record)
     t0 = time.perf_counter()
     try:
         value = train_fn(cfg, str(job_dir), list(hc.overrides.task))
-        record.update(status="finished", metric_name=metric_name(cfg, read_json(job_dir / "metrics.json") or {}))
+        record.update(status="finished", metric_name=optimized_metric_name(cfg, read_json(job_dir / "metrics.json") or {}))
         return value
     except Interrupted as e:
         record.update(status="interrupted", error=f"stopped by {e.reason}")
@@ -146,11 +148,7 @@ def run_job(cfg, hc, train_fn) -> float:
         return math.nan
     finally:
         record["seconds"] += time.perf_counter() - t0
-        write_json(job_file, record)
-
-
-def metric_name(cfg, metrics) -> str:
-    return cfg.optimized_metric or ("val_acc" if metrics.get("val_acc") is not None else "test_acc")
+        write_json_atomic(job_file, record)
 
 
 # -- the callback: thread limits before, summary after ---------------------------------------------------------
@@ -378,17 +376,3 @@ def format_top(rows, sweep_dir, direction, top=5):
             f"all rows in {sweep_dir / 'summary.md'} and summary.csv")
     return head + "\n" + markdown_table(rows[:top]) + ("\n..." if len(rows) > top else "")
 
-
-# -- small helpers ------------------------------------------------------------------------------------------------
-def read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_json(path: Path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)

@@ -14,10 +14,7 @@ What lands in the run's event file (global step = optimizer steps completed, con
   hparams   the run's settings and overrides + hparams/{test_acc,test_loss,val_acc,val_loss,train_loss},
             written into this run's own event file (no timestamped sub-run)
 
-Colour maps are written here in numpy: signed maps (δ, filters, signed activations) use blue-white-red with
-white at exactly zero and one scale ±max|v| per image, so the sign and the relative size across channels show
-(δ-maps with intensity ∝ sqrt(|δ|/max|δ|): a few large δ's would otherwise wash the rest out).
-Letters: N probe images, C channels, F filters, H,W map size, K kernel size.
+Colour maps and grids: cnnpipe.images. Letters: N probe images, C channels, F filters, H,W map size, K kernel size.
 """
 from __future__ import annotations
 
@@ -28,13 +25,12 @@ import time
 
 import numpy as np
 
+from cnnpipe.callbacks import Callback
+from cnnpipe.images import DELTA_GAMMA, colorize, confusion_image, diverging, grid
 from cnnpipe.layers import ACTIVATIONS, Conv2d
 from cnnpipe.losses import softmax_cross_entropy
-
-try:                                            # the trainer's Callback base (duck typing works without it)
-    from cnnpipe.train import Callback
-except ImportError:  # pragma: no cover
-    Callback = object
+from cnnpipe.metrics import confusion_matrix
+from cnnpipe.step import EpochTotals
 
 # Settings that are always in the HPARAMS table (so every run of every sweep has the same columns);
 # the run's own Hydra overrides are added on top.
@@ -55,88 +51,6 @@ def _timed(hook):
         finally:
             self.seconds += time.perf_counter() - t0
     return timed
-
-
-BLUE, RED, WHITE = np.array([33, 102, 172.]), np.array([178, 24, 43.]), np.array([255, 255, 255.])
-GAP = np.array([96, 96, 96], np.uint8)           # separator between tiles
-DELTA_GAMMA = 0.5                                # δ-maps: intensity ∝ sqrt(|δ|/max|δ|), so small δ's stay visible
-TILE_PX = 84                                     # small maps are magnified (nearest neighbour) to about this size
-
-
-# -- colour maps and grids (pure numpy) -------------------------------------------------------------------------
-def diverging(v, scale, gamma=1.0):
-    """Blue (−scale) – white (0) – red (+scale): ... float array → ...,3 uint8. gamma < 1 lifts small values
-    (colour intensity ∝ (|v|/scale)^gamma; the sign and exact zeros stay as they are)."""
-    t = np.clip(np.asarray(v, np.float64) / (scale if scale > 0 else 1.0), -1.0, 1.0)[..., None]
-    t = np.sign(t) * np.abs(t) ** gamma if gamma != 1.0 else t
-    rgb = WHITE + np.abs(t) * (np.where(t < 0, BLUE, RED) - WHITE)
-    return (rgb + 0.5).astype(np.uint8)
-
-
-def sequential(v, scale):
-    """Black (0) – white (scale) for non-negative maps (post-ReLU activations): ... → ...,3 uint8."""
-    g = np.clip(np.asarray(v, np.float64) / (scale if scale > 0 else 1.0), 0.0, 1.0)
-    return np.repeat((g * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=-1)
-
-
-def colorize(v, gamma=1.0):
-    """Diverging around zero if the maps have a sign, else sequential; one scale for the whole image."""
-    v = np.asarray(v)
-    scale = float(np.abs(v).max()) if v.size else 0.0
-    return diverging(v, scale, gamma) if v.size and v.min() < 0 else sequential(v, scale)
-
-
-def grid(tiles, cols=None, gap=2, px=TILE_PX):
-    """Tiles R,Cc,h,w,3 (or M,h,w,3, laid out ~square) uint8 → one image with grey separators, magnified."""
-    if tiles.ndim == 4:
-        M = tiles.shape[0]
-        cols = cols or math.ceil(math.sqrt(M))
-        rows = math.ceil(M / cols)
-        pad = np.zeros((rows * cols - M,) + tiles.shape[1:], np.uint8) + GAP
-        tiles = np.concatenate([tiles, pad]).reshape((rows, cols) + tiles.shape[1:])
-    R, Cc, h, w, _ = tiles.shape
-    z = max(1, px // max(h, w))                                         # magnification
-    tiles = tiles.repeat(z, axis=2).repeat(z, axis=3)                        # R,Cc,h·z,w·z,3
-    h, w = h * z, w * z
-    out = np.empty((R * (h + gap) + gap, Cc * (w + gap) + gap, 3), np.uint8)
-    out[...] = GAP
-    for r in range(R):
-        for c in range(Cc):
-            y0, x0 = gap + r * (h + gap), gap + c * (w + gap)
-            out[y0:y0 + h, x0:x0 + w] = tiles[r, c]
-    return out
-
-
-def confusion_matrix(y, preds, n):
-    """n×n counts: row = true class, column = predicted class."""
-    return np.bincount(np.asarray(y, np.int64) * n + np.asarray(preds, np.int64), minlength=n * n).reshape(n, n)
-
-
-def confusion_image(cm, classes, cell=30):
-    """The confusion matrix as an RGB image: rows true, columns predicted, shade = row fraction, counts written."""
-    from PIL import Image, ImageDraw, ImageFont
-    n = cm.shape[0]
-    frac = cm / np.maximum(cm.sum(1, keepdims=True), 1)                    # n,n row-normalised
-    font = ImageFont.load_default()
-    names = [f"{i} {str(c)[:12]}" for i, c in enumerate(classes)]
-    left = 8 + max(int(font.getlength(s)) for s in names)
-    top, bottom = 20, 18
-    img = Image.new("RGB", (left + n * cell + 4, top + n * cell + bottom), "white")
-    d = ImageDraw.Draw(img)
-    shade = (WHITE + frac[..., None] * (BLUE - WHITE) + 0.5).astype(np.uint8)  # n,n,3
-    for i in range(n):
-        d.text((2, top + i * cell + cell // 2 - 6), names[i], fill="black", font=font)
-        d.text((left + i * cell + cell // 2 - 3, 4), str(i), fill="black", font=font)
-        for j in range(n):
-            x0, y0 = left + j * cell, top + i * cell
-            d.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=tuple(int(c) for c in shade[i, j]),
-                        outline=(200, 200, 200))
-            if cm[i, j]:
-                s = str(int(cm[i, j]))
-                d.text((x0 + (cell - font.getlength(s)) / 2, y0 + cell // 2 - 6), s,
-                       fill="white" if frac[i, j] > 0.5 else "black", font=font)
-    d.text((left, top + n * cell + 3), "rows: true class, columns: predicted", fill="black", font=font)
-    return np.asarray(img)                                                   # H,W,3 uint8
 
 
 # -- the callback -------------------------------------------------------------------------------------------------
@@ -184,9 +98,7 @@ class TensorBoardLogger(Callback):
         self.writer, self.closed = None, False
         self.snapshot = None                      # parameters before the optimizer step (update ratio)
         self.pending = {}                         # scalars computed in on_after_backward, written in on_step_end
-        self.window = [0.0, 0.0, 0]               # loss·n, correct·n, n since the last train/ scalars
-        self.mark = None                          # (seen, seconds) of the trainer's epoch counters, last step
-        self.rate = [0, 0.0]                      # samples, seconds since the last train/ scalars
+        self.window = EpochTotals()               # the steps since the last train/ scalars
         self.last_image_step = None
         self.first_step = 1                       # the first step this process trains (set at train start)
         self.seconds = 0.0                        # wall time spent in this logger's hooks (its cost)
@@ -233,12 +145,10 @@ class TensorBoardLogger(Callback):
 
     @_timed
     def on_train_start(self, tr):
-        self.mark = (tr.epoch_sums[2], tr.epoch_sums[3])
         self.first_step = tr.step + 1
 
     @_timed
-    def on_after_backward(self, tr, lr):
-        step = tr.step + 1                                           # the step this backward belongs to
+    def on_after_backward(self, tr, step, lr):
         if self.scalar_step(tr, step):
             p = self.pending
             for layer in tr.model.layers:
@@ -256,32 +166,21 @@ class TensorBoardLogger(Callback):
                     self.w.add_histogram(f"deltas/{layer.name}", layer.delta, step)
 
     @_timed
-    def on_step_end(self, tr, loss, acc, lr):
-        seen, secs = tr.epoch_sums[2], tr.epoch_sums[3]
-        prev_seen, prev_secs = self.mark if self.mark else (0, 0.0)
-        if seen <= prev_seen:                                        # a new epoch restarted the counters
-            prev_seen, prev_secs = 0, 0.0
-        n = seen - prev_seen
-        self.mark = (seen, secs)
-        self.rate[0] += n
-        self.rate[1] += secs - prev_secs
-        self.window[0] += loss * n
-        self.window[1] += acc * n
-        self.window[2] += n
-        step = tr.step
+    def on_step_end(self, tr, step, result, lr, seconds):
+        self.window.add(result, seconds)
         if self.scalar_step(tr, step):
             self._train_scalars(tr, lr, step)
         if self.cfg.image_every and step % self.cfg.image_every == 0:
             self._images(tr, step)
 
     def _train_scalars(self, tr, lr, step):
-        w, (ls, cs, n) = self.w, self.window
-        if n:
-            w.add_scalar("train/loss", ls / n, step)
-            w.add_scalar("train/accuracy", cs / n, step)
+        w, t = self.w, self.window
+        if t.seen:
+            w.add_scalar("train/loss", t.loss_sum / t.seen, step)
+            w.add_scalar("train/accuracy", t.correct / t.seen, step)
         w.add_scalar("train/lr", lr, step)
-        if self.rate[1] > 0:
-            w.add_scalar("train/samples_per_second", self.rate[0] / self.rate[1], step)
+        if t.seconds > 0:
+            w.add_scalar("train/samples_per_second", t.seen / t.seconds, step)
         if self.snapshot is not None:
             for layer in tr.model.layers:
                 if layer.name not in self.snapshot:
@@ -295,8 +194,7 @@ class TensorBoardLogger(Callback):
                     w.add_scalar(f"weight_norm/{layer.name}.{k}", _norm(v), step)
         for tag, v in self.pending.items():
             w.add_scalar(tag, v, step)
-        self.pending, self.snapshot = {}, None
-        self.window, self.rate = [0.0, 0.0, 0], [0, 0.0]
+        self.pending, self.snapshot, self.window = {}, None, EpochTotals()
 
     @_timed
     def on_epoch_end(self, tr, metrics):

@@ -1,10 +1,11 @@
-"""The same network built in PyTorch, with the same weights: the gradient oracle in tests, the speed peer in
-the benchmark."""
+"""The same network built in PyTorch, with the same weights, and its training step: the gradient oracle in tests,
+the accuracy peer (scripts/torch_peer.py) and the speed peer in the benchmark."""
 from __future__ import annotations
 
 import numpy as np
 
 from cnnpipe.layers import Conv2d, Dense, Dropout, Flatten, Pool2d, ReLU, Sigmoid, Tanh
+from cnnpipe.step import StepResult
 
 
 def torch_twin(model, copy_weights=True):
@@ -39,3 +40,26 @@ def torch_twin(model, copy_weights=True):
                 m.weight.copy_(torch.from_numpy(l.params["W"]))
                 m.bias.copy_(torch.from_numpy(l.params["b"]))
     return net
+
+
+def torch_optimizer(net, o):
+    """torch.optim's SGD or Adam with the settings of cfg.optim (the formulas ours reproduce)."""
+    import torch
+    if o.name == "sgd":
+        return torch.optim.SGD(net.parameters(), o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                               weight_decay=o.weight_decay)
+    return torch.optim.Adam(net.parameters(), o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def torch_train_step(net, opt, x: np.ndarray, y: np.ndarray, lr: float) -> StepResult:
+    """The PyTorch peer of cnnpipe.step.train_step: forward, cross-entropy, backward, optimizer step, and the loss
+    and accuracy read back as a PyTorch user's loop does."""
+    import torch
+    for g in opt.param_groups:
+        g["lr"] = lr
+    logits = net(torch.from_numpy(x))
+    loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return StepResult(loss.item(), int((logits.argmax(1).numpy() == y).sum()), len(y))

@@ -1,16 +1,11 @@
-"""The training loop: forward → softmax-CE → backward (rules 1-7) → optimizer step, in one readable function.
+"""The training loop: epochs of `train_step` (cnnpipe.step), validation each epoch, the test at the end.
 
-Everything a run does is driven by the config: see conf/train.yaml and cnnpipe/config.py.
+Everything a run does is driven by the config (conf/train.yaml, cnnpipe/config.py); the wiring around the loop
+(callbacks from the config, resume, signals, train.log) is cnnpipe.app's.
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import math
-import os
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -18,26 +13,24 @@ import numpy as np
 
 from cnnpipe import ConfigError
 from cnnpipe.backends import get_backend, set_threads
+from cnnpipe.callbacks import Callback
 from cnnpipe.data import batches, load_data, num_batches, preload_torchvision
-from cnnpipe.losses import softmax_cross_entropy
+from cnnpipe.evaluate import evaluate_split
+from cnnpipe.jsonio import write_json_atomic
 from cnnpipe.model import build_model
 from cnnpipe.optim import build_optimizer, lr_at
+from cnnpipe.rundir import check_writable
+from cnnpipe.step import EpochTotals, NonFiniteLoss, StepResult, train_step
 
 log = logging.getLogger("cnnpipe")
 
 
-class Callback:
-    """Hooks the trainer calls; TensorBoard logging and checkpointing are callbacks."""
-    def on_train_start(self, tr): ...
-    def on_after_backward(self, tr, lr): ...            # gradients are fresh, parameters not yet updated
-    def on_step_end(self, tr, loss, acc, lr): ...       # after the optimizer step; tr.step already counts it
-    def on_epoch_end(self, tr, metrics): ...
-    def on_interrupt(self, tr): ...                     # a stop was requested; the step in progress finished
-    def on_train_end(self, tr, metrics): ...
+class Interrupted(Exception):
+    """Raised after the step in progress finished because a stop was requested (signal)."""
 
-
-class NonFiniteLoss(ConfigError):
-    pass
+    def __init__(self, reason: str, run_dir: Path):
+        super().__init__(reason)
+        self.reason, self.run_dir = reason, run_dir
 
 
 class Trainer:
@@ -53,7 +46,6 @@ class Trainer:
         self.model = build_model(cfg, self.backend)          # shape checks happen here, before any data
         self.optimizer = build_optimizer(cfg.optim, self.model.named_params(), self.backend)   # value checks too
         check_writable(self.run_dir)
-        _log_to_file(self.run_dir / "train.log")
         log.info("model %s (%s backend, %s, %d threads)\n%s", cfg.model.name, cfg.backend.name, cfg.dtype,
                  self.threads, self.model.summary())
         if hasattr(self.backend, "warmup"):
@@ -66,52 +58,37 @@ class Trainer:
                  len(self.data.train.y), 0 if self.data.val is None else len(self.data.val.y), len(self.data.test.y))
         self.steps_per_epoch = num_batches(len(self.data.train.y), cfg.trainer.batch_size)
         self.total_steps = cfg.trainer.epochs * self.steps_per_epoch
-        # trainer state (everything a checkpoint needs besides parameters, optimizer and RNGs)
+        # the position (a checkpoint saves it, with the parameters, optimizer state and RNGs)
         self.epoch, self.step, self.batch_in_epoch, self.best = 0, 0, 0, None
         self.history = {"train_loss": [], "train_acc": [], "val_loss": [], "val_acc": [], "epoch_seconds": []}
-        self.epoch_sums = [0.0, 0, 0, 0.0]                   # loss·n, correct, n, seconds inside the current epoch
+        self.totals = EpochTotals()
         self.val_preds = None                                # last validation predictions (confusion matrix)
-        self.stop_requested = None                           # set to a reason (e.g. "SIGTERM") to stop after this step
+        self.stop_requested = None                           # a reason (e.g. "SIGTERM"): stop after this step
         self.resumed_from = None                             # the checkpoint this run continues (resume=)
-        self.branched = False                                # ... from another run's directory
         self.init_from = None                                # what init_from= loaded and skipped
         self.callbacks: list[Callback] = []
 
     # -- the loop -------------------------------------------------------------------------------------------
     def fit(self) -> dict:
-        cfg, tc = self.cfg, self.cfg.trainer
+        tc = self.cfg.trainer
         for cb in self.callbacks:
             cb.on_train_start(self)
         while self.epoch < tc.epochs and not self._max_steps_reached():
-            loss_sum, correct, seen, seconds = self.epoch_sums
             it = batches(self.data.train, tc.batch_size, mean=self.data.mean, std=self.data.std, dtype=self.dtype,
                          shuffle_seed=[tc.seed, self.epoch], augment=self.data.augment,
                          crop_padding=self.data.crop_padding, start=self.batch_in_epoch)
             bar = _progress(tc.progress, self.steps_per_epoch, self.batch_in_epoch, f"epoch {self.epoch + 1}/{tc.epochs}")
-            t0 = time.perf_counter()
+            mark = time.perf_counter()
             for x, y in it:                                                  # x N,C,H,W   y N
-                lr = lr_at(cfg.optim, self.step, self.steps_per_epoch, self.total_steps)
-                logits = self.model.forward(x, train=True)                   # N,classes
-                loss, delta = softmax_cross_entropy(logits, y)               # δ at the logits
-                self.model.backward(delta)                                   # rules 1-7, layer by layer
-                if not math.isfinite(loss):
-                    raise NonFiniteLoss(self._nonfinite_message(loss))
-                for cb in self.callbacks:
-                    cb.on_after_backward(self, lr)
-                self.optimizer.step(self.model.named_grads(), lr)
-                acc = float((logits.argmax(1) == y).mean())
-                loss_sum, correct, seen = loss_sum + loss * len(y), correct + int(acc * len(y) + 0.5), seen + len(y)
+                lr = lr_at(self.cfg.optim, self.step, self.steps_per_epoch, self.total_steps)
+                result = self._step(x, y, lr)
                 self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
-                self.epoch_sums = [loss_sum, correct, seen, seconds + time.perf_counter() - t0]
+                now = time.perf_counter()
+                self.totals.add(result, now - mark)
                 for cb in self.callbacks:
-                    cb.on_step_end(self, loss, acc, lr)
-                if self.step % tc.log_every == 0:
-                    log.debug("step %d loss %.4f acc %.3f lr %.4g", self.step, loss, acc, lr)
-                if bar is not None:
-                    bar.update(1)
-                    if self.step % tc.log_every == 0 or self.batch_in_epoch == self.steps_per_epoch:
-                        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}",
-                                        samples_s=f"{seen / max(self.epoch_sums[3], 1e-9):.0f}")
+                    cb.on_step_end(self, self.step, result, lr, now - mark)
+                mark = now
+                self._report(bar, result, lr)
                 if self.stop_requested or self._max_steps_reached():
                     break
             if bar is not None:
@@ -123,21 +100,44 @@ class Trainer:
             self._end_epoch()
         return self._finish()
 
+    def _step(self, x, y, lr) -> StepResult:
+        def after_backward():
+            for cb in self.callbacks:
+                cb.on_after_backward(self, self.step + 1, lr)
+        try:
+            return train_step(self.model, self.optimizer, x, y, lr, after_backward)
+        except NonFiniteLoss as e:
+            where = (f"the first layer whose gradient went non-finite is {e.layer.split('.')[0]} ({e.layer})"
+                     if e.layer else "all gradients were still finite (the logits overflowed)")
+            raise NonFiniteLoss(e.loss, e.layer, message=(
+                f"The loss became {e.loss} at step {self.step + 1} (epoch {self.epoch + 1}); {where}. Training "
+                f"stopped; the last good checkpoint (if any) in {self.run_dir / 'checkpoints'} is kept. Lower "
+                f"optim.lr, use dtype=float64, or check the data normalisation.")) from None
+
+    def _report(self, bar, result: StepResult, lr: float):
+        every, t = self.cfg.trainer.log_every, self.totals
+        if self.step % every == 0:
+            log.debug("step %d loss %.4f acc %.3f lr %.4g", self.step, result.loss, result.correct / result.n, lr)
+        if bar is not None:
+            bar.update(1)
+            if self.step % every == 0 or self.batch_in_epoch == self.steps_per_epoch:
+                bar.set_postfix(loss=f"{t.loss_sum / t.seen:.4f}", acc=f"{t.correct / t.seen:.3f}",
+                                samples_s=f"{t.seen / max(t.seconds, 1e-9):.0f}")
+
     def _end_epoch(self):
-        loss_sum, correct, seen, seconds = self.epoch_sums
-        h = self.history
-        h["train_loss"].append(loss_sum / max(seen, 1))
-        h["train_acc"].append(correct / max(seen, 1))
-        h["epoch_seconds"].append(seconds)
+        t, h = self.totals, self.history
+        h["train_loss"].append(t.loss_sum / max(t.seen, 1))
+        h["train_acc"].append(t.correct / max(t.seen, 1))
+        h["epoch_seconds"].append(t.seconds)
         metrics = {"epoch": self.epoch + 1, "train_loss": h["train_loss"][-1], "train_acc": h["train_acc"][-1],
-                   "epoch_seconds": seconds, "samples_per_second": seen / max(seconds, 1e-9)}
+                   "epoch_seconds": t.seconds, "samples_per_second": t.seen / max(t.seconds, 1e-9)}
         if self.data.val is not None:
             metrics["val_loss"], metrics["val_acc"], self.val_preds = self.evaluate(self.data.val)
             h["val_loss"].append(metrics["val_loss"])
             h["val_acc"].append(metrics["val_acc"])
         log.info("epoch %d/%d: " + ", ".join(f"{k} %.4f" for k in metrics if k != "epoch"), self.epoch + 1,
                  self.cfg.trainer.epochs, *[v for k, v in metrics.items() if k != "epoch"])
-        self.epoch, self.batch_in_epoch, self.epoch_sums = self.epoch + 1, 0, [0.0, 0, 0, 0.0]
+        self.epoch, self.batch_in_epoch, self.totals = self.epoch + 1, 0, EpochTotals()
         for cb in self.callbacks:
             cb.on_epoch_end(self, metrics)
 
@@ -172,160 +172,8 @@ class Trainer:
     def _max_steps_reached(self):
         return self.cfg.trainer.max_steps is not None and self.step >= self.cfg.trainer.max_steps
 
-    def _nonfinite_message(self, loss):
-        first = next((name for name, g in self.model.named_grads().items() if not np.all(np.isfinite(g))), None)
-        where = f"the first layer whose gradient went non-finite is {first.split('.')[0]} ({first})" if first \
-            else "all gradients were still finite (the logits overflowed)"
-        return (f"The loss became {loss} at step {self.step + 1} (epoch {self.epoch + 1}); {where}. Training stopped; "
-                f"the last good checkpoint (if any) in {self.run_dir / 'checkpoints'} is kept. Lower optim.lr, "
-                f"use dtype=float64, or check the data normalisation.")
-
     def evaluate(self, split):
         return evaluate_split(self.model, split, self.data, self.cfg.trainer.eval_batch_size)
-
-
-class Interrupted(Exception):
-    """Raised after the step in progress finished because a stop was requested (signal)."""
-    def __init__(self, reason, run_dir):
-        super().__init__(reason)
-        self.reason, self.run_dir = reason, run_dir
-
-
-def evaluate_split(model, split, data, batch_size):
-    """Mean loss, accuracy and predictions over a split, in eval mode (no dropout)."""
-    loss_sum, preds = 0.0, []
-    for x, y in batches(split, batch_size, mean=data.mean, std=data.std, dtype=model.dtype):
-        logits = model.forward(x, train=False)                           # N,classes
-        z = logits - logits.max(1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-        loss_sum -= float(logp[np.arange(len(y)), y].sum())
-        preds.append(logits.argmax(1))
-    preds = np.concatenate(preds) if preds else np.zeros(0, np.int64)
-    n = max(len(split.y), 1)
-    return loss_sum / n, float((preds == split.y).mean()) if len(preds) else 0.0, preds
-
-
-def optimized_metric(cfg, metrics):
-    key = cfg.optimized_metric or ("val_acc" if metrics.get("val_acc") is not None else "test_acc")
-    if key not in metrics:
-        raise ConfigError(f"optimized_metric={key!r} is not a metric of the run; choose one of "
-                          f"{', '.join(k for k, v in metrics.items() if isinstance(v, float))}.")
-    return metrics[key]
-
-
-def make_trainer(cfg, run_dir, overrides=None) -> Trainer:
-    """A Trainer writing into run_dir, with its callbacks. With cfg.resume: rebuilt from the checkpoint's state;
-    in the checkpoint's own run directory it continues that run, elsewhere it starts a new run from that state and
-    the source run is only read. With cfg.init_from: a new run (step 0) from the checkpoint's weights."""
-    from cnnpipe.checkpoint import (Checkpointer, init_from_checkpoint, load_checkpoint, restore, resume_config,
-                                    run_dir_of, save_atomic, checkpoint_arrays)
-    if cfg.resume and cfg.init_from:
-        raise ConfigError(f"resume={cfg.resume} and init_from={cfg.init_from} were both given: resume= continues a "
-                          f"run (its step, optimizer and position), init_from= starts a new run from a checkpoint's "
-                          f"weights. Give one of them.")
-    ckpt = None
-    if cfg.resume:
-        ckpt = load_checkpoint(cfg.resume)
-        cfg = resume_config(cfg, ckpt, overrides)
-    trainer = Trainer(cfg, run_dir)
-    if ckpt is not None:
-        restore(trainer, ckpt)
-        source = run_dir_of(ckpt)
-        trainer.resumed_from = str(ckpt["_path"])
-        if source.resolve() == trainer.run_dir.resolve():
-            log.info("resumed from %s at epoch %d, step %d (batch %d of the epoch)", ckpt["_path"], trainer.epoch,
-                     trainer.step, trainer.batch_in_epoch)
-        else:                                   # a new run from that state: its own copy, the source only read
-            trainer.branched = True
-            save_atomic(trainer.run_dir / "checkpoints" / "last.npz", checkpoint_arrays(trainer))
-            log.info("resumed from %s at epoch %d, step %d (batch %d of the epoch) into the new run directory %s; "
-                     "%s is left as it is", ckpt["_path"], trainer.epoch, trainer.step, trainer.batch_in_epoch,
-                     trainer.run_dir, source)
-    if cfg.init_from:
-        init = load_checkpoint(cfg.init_from)
-        trainer.init_from = init_from_checkpoint(trainer, init, strict=cfg.init_from_strict,
-                                                 optimizer=cfg.init_from_optimizer)
-    if cfg.checkpoint.enabled:
-        trainer.callbacks.append(Checkpointer(trainer))
-    if cfg.logger.tensorboard:
-        from cnnpipe.tb import TensorBoardLogger
-        trainer.callbacks.append(TensorBoardLogger(trainer))
-    return trainer
-
-
-def train(cfg, run_dir, overrides=None) -> float:
-    """Run one training job in run_dir and return the optimized metric (for Hydra's sweepers).
-
-    SIGINT/SIGTERM finish the step in progress, write checkpoints/last.npz and raise Interrupted."""
-    trainer = make_trainer(cfg, run_dir, overrides)
-    with stop_on_signals(trainer):
-        metrics = trainer.fit()
-    return optimized_metric(trainer.cfg, metrics)
-
-
-@contextlib.contextmanager
-def stop_on_signals(trainer):
-    """First SIGINT/SIGTERM: ask the loop to stop after this step. A second SIGINT: stop at once."""
-    def handler(signum, frame):
-        name = signal.Signals(signum).name
-        if trainer.stop_requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        trainer.stop_requested = name
-        log.warning("%s received: finishing the current step, then saving checkpoints/last.npz", name)
-    if threading.current_thread() is not threading.main_thread():
-        yield                                   # signals can only be handled on the main thread
-        return
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-# -- small helpers ------------------------------------------------------------------------------------------
-def check_writable(run_dir: Path):
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_probe"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"The run directory {run_dir} is not writable ({e.strerror}). Choose another with "
-                          f"hydra.run.dir=<path>, or fix its permissions, then run again.") from None
-
-
-def write_json_atomic(path: Path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_jsonable)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _jsonable(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o))
-
-
-def _log_to_file(path: Path):
-    """train.log in the run directory (Hydra already adds one when it runs the job; don't add it twice)."""
-    root = logging.getLogger()
-    for h in root.handlers + log.handlers:
-        if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve():
-            return
-    for h in [h for h in log.handlers if getattr(h, "cnnpipe_run_log", False)]:
-        log.removeHandler(h)                                   # a previous run in this process
-        h.close()
-    handler = logging.FileHandler(path)
-    handler.cnnpipe_run_log = True
-    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
 
 
 def _progress(enabled, total, initial, desc):

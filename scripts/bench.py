@@ -68,7 +68,7 @@ def compose_cfg(model, pool, backend, batch_size, data_root, limit_train=None, f
 
 
 class Runner:
-    """One training step for a backend: ours (model + optimizer, exactly the Trainer's loop) or the torch twin."""
+    """One training step for a backend: ours (cnnpipe.step.train_step, the trainer's own) or the torch twin's."""
 
     def __init__(self, cfg, backend, threads):
         import numpy as np
@@ -81,32 +81,22 @@ class Runner:
         self.model = build_model(cfg, B)
         if backend == "torch":
             import torch
-            from cnnpipe.torch_ref import torch_twin
+            from cnnpipe.torch_ref import torch_optimizer, torch_twin
             torch.set_num_threads(threads)
-            self.torch, self.F = torch, torch.nn.functional
             self.net = torch_twin(self.model).train()
-            self.opt = torch.optim.SGD(self.net.parameters(), lr=self.lr, momentum=float(cfg.optim.momentum),
-                                       nesterov=bool(cfg.optim.nesterov), weight_decay=float(cfg.optim.weight_decay))
+            self.opt = torch_optimizer(self.net, cfg.optim)
         else:
             if hasattr(B, "warmup"):
                 B.warmup(np.float32)
             self.opt = build_optimizer(cfg.optim, self.model.named_params(), B)
 
     def step(self, x, y) -> float:
-        """forward → softmax-CE → backward → optimizer step; returns the loss.   x N,C,H,W float32, y N int64."""
+        """One training step on x N,C,H,W float32, y N int64; returns the loss."""
+        from cnnpipe.step import train_step
+        from cnnpipe.torch_ref import torch_train_step
         if self.kind == "torch":
-            torch = self.torch
-            self.opt.zero_grad(set_to_none=True)
-            loss = self.F.cross_entropy(self.net(torch.from_numpy(x)), torch.from_numpy(y))
-            loss.backward()
-            self.opt.step()
-            return loss.item()
-        from cnnpipe.losses import softmax_cross_entropy
-        logits = self.model.forward(x, train=True)                       # N,classes
-        loss, delta = softmax_cross_entropy(logits, y)
-        self.model.backward(delta)                                       # rules 1-7
-        self.opt.step(self.model.named_grads(), self.lr)
-        return loss
+            return torch_train_step(self.net, self.opt, x, y, self.lr).loss
+        return train_step(self.model, self.opt, x, y, self.lr).loss
 
 
 def time_training(runner, data, batch_size, steps=None, budget_s=None):

@@ -19,35 +19,25 @@ register_configs()
 
 
 def train_torch(cfg):
-    import numpy as np
     import torch
-    from cnnpipe.data import batches, load_data
+    from cnnpipe.data import batches, load_data, num_batches
     from cnnpipe.model import build_model
     from cnnpipe.optim import lr_at
-    from cnnpipe.torch_ref import torch_twin
+    from cnnpipe.torch_ref import torch_optimizer, torch_train_step, torch_twin
     torch.manual_seed(cfg.trainer.seed)
     if cfg.backend.threads:
         torch.set_num_threads(cfg.backend.threads)
-    model = build_model(cfg)                       # our initial weights, copied into the twin
-    net = torch_twin(model)
+    net = torch_twin(build_model(cfg))             # our initial weights, copied into the twin
     data = load_data(cfg.data, cfg.trainer.seed)
-    o = cfg.optim
-    opt = (torch.optim.SGD(net.parameters(), o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
-           if o.name == "sgd" else torch.optim.Adam(net.parameters(), o.lr, betas=tuple(o.betas), eps=o.eps,
-                                                    weight_decay=o.weight_decay))
-    spe = -(-len(data.train.y) // cfg.trainer.batch_size)
+    opt = torch_optimizer(net, cfg.optim)
+    spe = num_batches(len(data.train.y), cfg.trainer.batch_size)
     total, step, seconds = cfg.trainer.epochs * spe, 0, []
     for epoch in range(cfg.trainer.epochs):
         net.train()
         t0 = time.perf_counter()
         for x, y in batches(data.train, cfg.trainer.batch_size, mean=data.mean, std=data.std,
                             shuffle_seed=[cfg.trainer.seed, epoch], augment=data.augment):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(o, step, spe, total)
-            loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(x)), torch.from_numpy(y))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            torch_train_step(net, opt, x, y, lr_at(cfg.optim, step, spe, total))
             step += 1
         seconds.append(time.perf_counter() - t0)
         print(f"epoch {epoch + 1}: {seconds[-1]:.1f} s", flush=True)

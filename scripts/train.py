@@ -17,7 +17,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    from cnnpipe.train import train
+    from cnnpipe.app import train
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN:                 # a failing job is recorded, the sweep goes on (cnnpipe/sweep.py)
         from cnnpipe.sweep import run_job

@@ -12,7 +12,9 @@ import pytest
 
 from cnnpipe import ConfigError
 from cnnpipe.checkpoint import CheckpointError, load_checkpoint, save_atomic
-from cnnpipe.train import Callback, Interrupted, Trainer, make_trainer
+from cnnpipe.app import make_trainer
+from cnnpipe.callbacks import Callback
+from cnnpipe.train import Interrupted, Trainer
 from conftest import PY, REPO, run_script, tiny_overrides
 
 BACKENDS = ["numpy", pytest.param("numba", marks=pytest.mark.skipif(
@@ -45,8 +47,8 @@ class StopAt(Callback):
     def __init__(self, step):
         self.at = step
 
-    def on_step_end(self, tr, loss, acc, lr):
-        if tr.step == self.at:
+    def on_step_end(self, tr, step, result, lr, seconds):
+        if step == self.at:
             tr.stop_requested = "SIGTERM"
 
 
@@ -165,7 +167,7 @@ def test_wrong_architecture_is_refused_with_the_differences(tmp_path, finished_r
     assert r.returncode == 2 and "architecture differs" in err and "conv.k: checkpoint 5 vs now 3" in err
     cfg = compose_cfg(tiny_overrides(fashion_root, model="convnet"))
     tr = Trainer(cfg, tmp_path)
-    from cnnpipe.checkpoint import restore
+    from cnnpipe.resume import restore
     with pytest.raises(CheckpointError, match=r"conv2.W: model \(64, 32, 5, 5\) vs checkpoint \(16, 6, 5, 5\)"):
         restore(tr, load_checkpoint(finished_run))
     r = run_script("evaluate.py", f"ckpt={finished_run}", "model.name=x")
@@ -189,5 +191,5 @@ def test_unwritable_output_dir_fails_before_training(tmp_path, fashion_root):
     err = " ".join(r.stderr.split())
     assert r.returncode == 2 and "cannot be created" in err and "Traceback" not in err
     with pytest.raises(ConfigError, match="not writable"):
-        from cnnpipe.train import check_writable
+        from cnnpipe.rundir import check_writable
         check_writable(tmp_path / "file" / "run")

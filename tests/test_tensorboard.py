@@ -17,7 +17,9 @@ import pytest
 from omegaconf import open_dict
 from PIL import Image
 
-from cnnpipe.tb import TensorBoardLogger, diverging, grid
+from cnnpipe.app import log_to_file
+from cnnpipe.images import diverging, grid
+from cnnpipe.tb import TensorBoardLogger
 from cnnpipe.train import Trainer
 from conftest import REPO, tiny_overrides
 
@@ -35,6 +37,7 @@ def accumulate(run_dir):
 
 
 def fit_with_logger(cfg, run_dir, step0=0):
+    log_to_file(Path(run_dir) / "train.log")
     tr = Trainer(cfg, run_dir)
     tr.step = step0                                       # as a resumed run would start
     tr.callbacks.append(TensorBoardLogger(tr))
@@ -190,7 +193,7 @@ def test_hydra_overrides_become_hparams_and_the_switch_works(fashion_root, tmp_p
     from hydra.core.hydra_config import HydraConfig
     from cnnpipe.config import register_configs
     from cnnpipe.tb import run_hparams
-    from cnnpipe.train import make_trainer
+    from cnnpipe.app import make_trainer
     register_configs()
     common = tiny_overrides(fashion_root, **{"trainer.max_steps": "3", "checkpoint.enabled": "false"})
     GlobalHydra.instance().clear()

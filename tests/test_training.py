@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from cnnpipe.train import Trainer, train
+from cnnpipe.app import train
+from cnnpipe.train import Trainer
 from conftest import run_script, tiny_overrides
 
 

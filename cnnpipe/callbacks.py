@@ -1,0 +1,32 @@
+"""The hooks the trainer calls; TensorBoard logging and checkpointing are callbacks.
+
+A hook gets what it needs as arguments: the step number, the step's result and wall time, the epoch's metrics.
+It may read the trainer's model, config, data and position (epoch, step), and ask it to stop (`stop_requested`).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cnnpipe.step import StepResult
+    from cnnpipe.train import Trainer
+
+
+class Callback:
+    def on_train_start(self, tr: Trainer) -> None:
+        """Before the first step of this process (tr.step > 0 for a resumed run)."""
+
+    def on_after_backward(self, tr: Trainer, step: int, lr: float) -> None:
+        """Step number `step` (1-based) has fresh gradients; the optimizer has not updated the parameters yet."""
+
+    def on_step_end(self, tr: Trainer, step: int, result: StepResult, lr: float, seconds: float) -> None:
+        """After the optimizer step; `seconds` is the wall time since the previous step ended (batch included)."""
+
+    def on_epoch_end(self, tr: Trainer, metrics: dict) -> None:
+        """After the epoch's validation; tr.epoch already counts the epoch."""
+
+    def on_interrupt(self, tr: Trainer) -> None:
+        """A stop was requested (signal) and the step in progress has finished."""
+
+    def on_train_end(self, tr: Trainer, metrics: dict) -> None:
+        """After the test evaluation; `metrics` is what metrics.json holds."""
