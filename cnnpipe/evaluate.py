@@ -3,16 +3,12 @@ and the confusion matrix."""
 from __future__ import annotations
 
 import numpy as np
-from omegaconf import OmegaConf
 
-from cnnpipe import ConfigError
-from cnnpipe.backends import get_backend, set_threads
-from cnnpipe.checkpoint import checkpoint_config, load_checkpoint, section
+from cnnpipe.checkpoint import load_checkpoint
 from cnnpipe.data import batches, load_data
 from cnnpipe.losses import log_softmax
 from cnnpipe.metrics import confusion_matrix
-from cnnpipe.model import build_model
-from cnnpipe.resume import check_params
+from cnnpipe.resume import model_from_checkpoint
 
 
 def evaluate_split(model, split, data, batch_size: int) -> tuple[float, float, np.ndarray]:
@@ -30,17 +26,7 @@ def evaluate_split(model, split, data, batch_size: int) -> tuple[float, float, n
 def evaluate_checkpoint(path, overrides: list[str] = ()) -> dict:
     """Returns a dict: test_loss, test_acc, per_class_acc, confusion (rows true, columns predicted), classes."""
     ckpt = load_checkpoint(path)
-    cfg = checkpoint_config(ckpt)
-    bad = [o for o in overrides if not (o.startswith("data.") or o.startswith("backend.") or
-                                        o.startswith("trainer.eval_batch_size="))]
-    if bad:
-        raise ConfigError(f"evaluate.py accepts only data.*, backend.* and trainer.eval_batch_size overrides "
-                          f"(the architecture comes from the checkpoint); got: {', '.join(bad)}.")
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    set_threads(cfg.backend.threads, cfg.backend.name)
-    model = build_model(cfg, get_backend(cfg.backend.name))
-    check_params(model, ckpt)
-    model.load_params(section(ckpt, "param/"))
+    model, cfg = model_from_checkpoint(ckpt, overrides)
     data = load_data(cfg.data, cfg.trainer.seed)
     loss, acc, preds = evaluate_split(model, data.test, data, cfg.trainer.eval_batch_size)
     confusion = confusion_matrix(data.test.y, preds, data.num_classes)

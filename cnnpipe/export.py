@@ -33,10 +33,9 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from cnnpipe import ConfigError
-from cnnpipe.backends import get_backend, set_threads
-from cnnpipe.checkpoint import check_params, checkpoint_config, load_checkpoint, run_dir_of
+from cnnpipe.checkpoint import load_checkpoint, run_dir_of
 from cnnpipe.data import batches, load_data
-from cnnpipe.model import build_model
+from cnnpipe.resume import model_from_checkpoint
 from cnnpipe.torch_ref import torch_twin
 
 FORMATS = {"torch": ".pt", "onnx": ".onnx"}     # format= -> default suffix of out=
@@ -98,20 +97,9 @@ def output_path(out: str | None, fmt: str, ckpt) -> Path:
 
 # -- our model and the batch it is checked on -------------------------------------------------------------------
 def load_model(ckpt, overrides: list[str]):
-    """The checkpoint's network in float32 with its parameters, and its config (plus the overrides)."""
-    cfg = OmegaConf.merge(checkpoint_config(ckpt), {"backend": {"name": "numpy"}})
-    for o in overrides:
-        key = o.split("=", 1)[0]
-        if OmegaConf.select(cfg, key, default="<absent>") == "<absent>":
-            group = key.split(".", 1)[0]
-            raise ConfigError(f"{key} is not a key of the checkpoint's {group} config; known keys: "
-                              f"{', '.join(f'{group}.{k}' for k in cfg[group])}.")
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-    set_threads(cfg.backend.threads, cfg.backend.name)
-    model = build_model(cfg, get_backend(cfg.backend.name), dtype=np.float32)
-    check_params(model, ckpt)
-    model.load_params({k[6:]: v for k, v in ckpt.items() if k.startswith("param/")})   # cast to float32
-    return model, cfg
+    """The checkpoint's network in float32 with its parameters (numpy backend unless backend.name= says), and its
+    config plus the overrides."""
+    return model_from_checkpoint(ckpt, overrides, dtype=np.float32, backend="numpy")
 
 
 def check_batch(cfg):

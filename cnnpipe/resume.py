@@ -8,7 +8,10 @@ import logging
 import numpy as np
 from omegaconf import OmegaConf
 
+from cnnpipe import ConfigError
+from cnnpipe.backends import get_backend, set_threads
 from cnnpipe.checkpoint import ARCH_KEYS, CheckpointError, checkpoint_config, section
+from cnnpipe.model import build_model
 from cnnpipe.step import EpochTotals
 
 log = logging.getLogger("cnnpipe")
@@ -135,3 +138,27 @@ def restore(tr, ckpt):
     for k in tr.history:
         tr.history[k] = [float(v) for v in ckpt.get(f"history/{k}", [])]
     tr.model.rng.bit_generator.state = json.loads(str(ckpt["rng/dropout"]))
+
+
+def model_from_checkpoint(ckpt, overrides: list[str] = (), dtype=None, backend: str | None = None):
+    """The checkpoint's network with its parameters and its config, plus data.*/backend.* overrides (the
+    architecture is the checkpoint's). Returns (model, cfg)."""
+    cfg = checkpoint_config(ckpt)
+    if backend is not None:
+        cfg = OmegaConf.merge(cfg, {"backend": {"name": backend}})
+    bad = [o for o in overrides if not o.startswith(("data.", "backend.", "trainer.eval_batch_size="))]
+    if bad:
+        raise ConfigError(f"The architecture comes from the checkpoint: only data.*, backend.* and "
+                          f"trainer.eval_batch_size can be given; got: {', '.join(bad)}.")
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if OmegaConf.select(cfg, key, default="<absent>") == "<absent>":
+            group = key.split(".", 1)[0]
+            raise ConfigError(f"{key} is not a key of the checkpoint's {group} config; known keys: "
+                              f"{', '.join(f'{group}.{k}' for k in cfg[group])}.")
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    set_threads(cfg.backend.threads, cfg.backend.name)
+    model = build_model(cfg, get_backend(cfg.backend.name), dtype=dtype)
+    check_params(model, ckpt)
+    model.load_params(section(ckpt, "param/"))
+    return model, cfg
