@@ -11,7 +11,8 @@ pytest.importorskip("numba")
 
 from cnnpipe import ConfigError  # noqa: E402
 from cnnpipe.backends import get_backend  # noqa: E402
-from cnnpipe.backends import numba_backend as B  # noqa: E402
+import cnnpipe.backends.numba as B  # noqa: E402
+from cnnpipe.backends.numba import conv, dense, optim, pool, runtime  # noqa: E402
 from cnnpipe.backends import numpy_backend as REF  # noqa: E402
 from kernel_oracle import (TOL, check_conv_against_torch, check_pool_against_torch, random_conv_cases,  # noqa: E402
                            random_pool_cases, rel_err)
@@ -136,7 +137,7 @@ def test_deterministic_and_chunking_agrees(monkeypatch, chunk_bytes):
     y0, c0 = B.conv2d_forward(x, w, b, stride=S, pad=P)
     g0 = B.conv2d_backward(dy, c0)
     if chunk_bytes is not None:
-        monkeypatch.setattr(B, "COL_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(conv, "COL_CHUNK_BYTES", chunk_bytes)
     runs = []
     for _ in range(2):
         y, c = B.conv2d_forward(x, w, b, stride=S, pad=P)
@@ -183,20 +184,29 @@ def test_dtype_preserved_and_mixed_dtype_grads_follow_the_input(dtype):
         assert p.dtype == dtype and B.pool2d_backward(np.ones(p.shape), pc).dtype == dtype
 
 
-def test_every_kernel_is_compiled_with_cache_true():
+def _registered(inner=True):
+    """Every kernel in the runtime's registry (the ones warm-up compiles; with inner=True also those called only
+    from inside other kernels)."""
+    return [k for g in runtime.KERNELS.values() for k in (*g.kernels, *(g.inner if inner else ()))]
+
+
+def test_every_kernel_is_registered_and_compiled_with_cache_true():
     from numba.core.caching import NullCache
     from numba.core.registry import CPUDispatcher
-    kernels = [v for v in vars(B).values() if isinstance(v, CPUDispatcher)]
-    assert len(kernels) >= 9
+    defined = {v for m in (conv, dense, optim, pool, runtime) for v in vars(m).values()
+               if isinstance(v, CPUDispatcher)}
+    kernels = _registered()
+    assert set(kernels) == defined and len(kernels) == len(defined) >= 17    # each registered once
     for k in kernels:
         assert not isinstance(k._cache, NullCache), f"{k.__name__} is not @njit(cache=True)"
 
 
-def test_warmup_compiles_every_kernel_for_that_dtype():
-    from numba.core.registry import CPUDispatcher
-    B.warmup(np.float32)
-    for k in (v for v in vars(B).values() if isinstance(v, CPUDispatcher) and v not in B.INNER_KERNELS):
-        assert any(str(sig[0].dtype) == "float32" for sig in k.signatures), f"{k.__name__} not warmed up"
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_warmup_compiles_every_kernel_for_that_dtype(dtype):
+    B.warmup(dtype)
+    name = np.dtype(dtype).name
+    for k in _registered(inner=False):
+        assert any(str(sig[0].dtype) == name for sig in k.signatures), f"{k.__name__} not warmed up for {name}"
 
 
 def test_warm_kernels_are_saved_to_and_loaded_from_the_disk_cache(tmp_path):
@@ -204,22 +214,28 @@ def test_warm_kernels_are_saved_to_and_loaded_from_the_disk_cache(tmp_path):
     kernel, say) silently stays uncached. A first process warms up into an empty NUMBA_CACHE_DIR; a second one
     must load every kernel from there and compile none."""
     code = ("import json, numpy as np\n"
-            "from numba.core.registry import CPUDispatcher\n"
-            "import cnnpipe.backends.numba_backend as B\n"
+            "import cnnpipe.backends.numba as B\n"
+            "from cnnpipe.backends.numba.runtime import KERNELS\n"
             "B.warmup(np.float32)\n"
             "print(json.dumps({k.__name__: [sum(k.stats.cache_hits.values()), sum(k.stats.cache_misses.values())]\n"
-            "                  for k in vars(B).values() if isinstance(k, CPUDispatcher)}))\n")
+            "                  for g in KERNELS.values() for k in (*g.kernels, *g.inner)}))\n")
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_NUM_THREADS": "2"}
     runs = [json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                                       check=True, timeout=300).stdout.strip().splitlines()[-1]) for _ in range(2)]
     assert sum(misses for _, misses in runs[0].values()) > 0                 # the first one compiled
     used = {name: hm for name, hm in runs[1].items() if sum(hm)}
-    assert len(used) >= 9
+    assert {k.__name__ for k in _registered(inner=False)} <= set(used), used   # every warmed kernel loaded
     assert all(misses == 0 and hits > 0 for hits, misses in used.values()), used
 
 
-def test_registry_returns_this_module():
+def test_backend_numba_is_this_package_with_exactly_the_contract():
+    """backend=numba gets this package; it exports the kernels of the contract, warmup and numba, nothing else."""
     assert get_backend("numba") is B
+    assert sorted(B.__all__) == sorted(["conv2d_forward", "conv2d_backward", "pool2d_forward", "pool2d_backward",
+                                        "matmul", "sgd_update", "adam_update", "warmup", "numba"])
+    assert all(callable(getattr(B, name)) for name in B.__all__ if name != "numba")
+    import numba
+    assert B.numba is numba                              # the trainer logs B.numba.threading_layer()
 
 
 @pytest.mark.parametrize("call", [
@@ -263,22 +279,45 @@ def test_kept_columns_equal_rebuilt_columns(monkeypatch):
     import numba
     x, w, b, dy, S, P = _conv_data((6, 4, 11, 11, 5, 3, 2, 1), np.float32, seed=11)
     y, c = B.conv2d_forward(x, w, b, stride=S, pad=P)
-    assert c[4][0] is not None                           # kept: small batch
+    assert c.cols is not None and c.cols.valid           # kept: small batch
     n = numba.get_num_threads()
     numba.set_num_threads(1)                             # backward chunks would differ from forward's
     try:
         kept = B.conv2d_backward(dy, c)
     finally:
         numba.set_num_threads(n)
-    assert c[4][0] is None                               # used once, handed back
+    assert not c.cols.valid                              # used once, given back
     again = B.conv2d_backward(dy, c)                     # rebuilt from x
-    monkeypatch.setattr(B, "KEEP_COL_BYTES", 0)
+    monkeypatch.setattr(conv, "KEEP_COL_BYTES", 0)
     y0, c0 = B.conv2d_forward(x, w, b, stride=S, pad=P)
-    assert c0[4][0] is None                              # too big to keep: rebuilt in backward
+    assert c0.cols is None                               # too big to keep: rebuilt in backward
     rebuilt = B.conv2d_backward(dy, c0)
     np.testing.assert_array_equal(y, y0)
     for k, a, r in zip(kept, again, rebuilt):
         np.testing.assert_array_equal(k, r)
+        np.testing.assert_array_equal(a, r)
+
+
+@pytest.mark.parametrize("need_dx", [True, False], ids=["dx", "no-dx"])
+def test_second_backward_after_a_forward_reused_the_columns(need_dx):
+    """The first backward gives forward's column buffer back; a forward on other data takes it over. A second
+    backward on the first cache must rebuild its columns, not read the other batch's; both caches give the
+    gradients of their own batch, equal to the numpy reference."""
+    x1, w, b, dy1, S, P = _conv_data((4, 3, 10, 10, 5, 3, 1, 1), np.float32, seed=21)
+    x2, _, _, dy2, _, _ = _conv_data((4, 3, 10, 10, 5, 3, 1, 1), np.float32, seed=22)
+    _, c1 = B.conv2d_forward(x1, w, b, stride=S, pad=P)
+    first = B.conv2d_backward(dy1, c1, need_dx=need_dx)
+    _, c2 = B.conv2d_forward(x2, w, b, stride=S, pad=P)
+    assert c2.cols.buffer is c1.cols.buffer and c2.cols.valid and not c1.cols.valid   # the buffer changed hands
+    second = B.conv2d_backward(dy1, c1, need_dx=need_dx)
+    other = B.conv2d_backward(dy2, c2, need_dx=need_dx)
+    for got, (x, dy) in ((first, (x1, dy1)), (second, (x1, dy1)), (other, (x2, dy2))):
+        ref = REF.conv2d_backward(dy, REF.conv2d_forward(x, w, b, stride=S, pad=P)[1])
+        assert (got[0] is None) == (not need_dx)
+        for g, r in zip(got, ref):
+            if g is not None:
+                assert rel_err(g, r) <= TOL[np.dtype(np.float32)]
+    for a, r in zip(first, second):
         np.testing.assert_array_equal(a, r)
 
 
@@ -287,7 +326,7 @@ def test_kept_columns_equal_rebuilt_columns(monkeypatch):
 @pytest.mark.parametrize("M,K,N", [(3, 5, 2), (64, 400, 120), (120, 64, 400), (257, 300, 33)])
 def test_matmul_agrees_with_numpy(monkeypatch, dtype, M, K, N, split):
     """The dense layers' product: rows split over the workers (large) or one call (small), any strides."""
-    monkeypatch.setattr(B, "MATMUL_SPLIT_FLOPS", split)
+    monkeypatch.setattr(dense, "MATMUL_SPLIT_FLOPS", split)
     rng = np.random.default_rng(M * N + K)
     a = rng.standard_normal((K, M)).astype(dtype).T                     # a transposed view, like δᵀ
     b = rng.standard_normal((N, K)).astype(dtype).T                     # like Wᵀ
@@ -297,7 +336,7 @@ def test_matmul_agrees_with_numpy(monkeypatch, dtype, M, K, N, split):
     np.testing.assert_array_equal(got, B.matmul(a, b))                  # deterministic
 
 
-@pytest.mark.parametrize("n", [5, 3 * B.UPDATE_SPLIT + 7], ids=["serial", "parallel"])
+@pytest.mark.parametrize("n", [5, 3 * optim.UPDATE_SPLIT + 7], ids=["serial", "parallel"])
 @pytest.mark.parametrize("opt", ["sgd", "sgd_nesterov_wd", "sgd_plain", "adam_wd"])
 def test_optimizer_updates_agree_with_numpy_in_float32(opt, n):
     """The fused update kernels give the numpy backend's float32 arithmetic, step after step."""

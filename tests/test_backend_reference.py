@@ -85,7 +85,7 @@ def test_pool_matches_numpy_backend_with_ties(case, dtype):
 
 
 def test_conv_and_pool_match_numba_backend():
-    NB = pytest.importorskip("cnnpipe.backends.numba_backend")
+    NB = pytest.importorskip("cnnpipe.backends.numba")
     for dtype in DTYPES:
         for case in CONV_CASES[:8]:
             x, w, b, dy, S, P = _conv_data(case, dtype, seed=3)

@@ -18,7 +18,7 @@ from cnnpipe.train import Interrupted, Trainer
 from conftest import PY, REPO, run_script, tiny_overrides
 
 BACKENDS = ["numpy", pytest.param("numba", marks=pytest.mark.skipif(
-    not (REPO / "cnnpipe/backends/numba_backend.py").exists(), reason="numba backend missing"))]
+    not (REPO / "cnnpipe/backends/numba/__init__.py").exists(), reason="numba backend missing"))]
 
 
 def _overrides(root, backend, **extra):

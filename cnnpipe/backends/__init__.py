@@ -21,7 +21,7 @@ import os
 
 from cnnpipe import ConfigError
 
-BACKENDS = {"numpy": "cnnpipe.backends.numpy_backend", "numba": "cnnpipe.backends.numba_backend",
+BACKENDS = {"numpy": "cnnpipe.backends.numpy_backend", "numba": "cnnpipe.backends.numba",
             "reference": "cnnpipe.backends.reference"}
 
 

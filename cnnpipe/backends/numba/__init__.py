@@ -1,0 +1,48 @@
+"""numba backend: the fast kernels. The numpy backend is the readable reference; this one must agree with it
+(float64 ~1e-10, float32 ~1e-5) and is tested against it and PyTorch (tests/test_backend_numba.py). Why it is
+built this way, with the measurements behind each choice: docs/numba.md.
+
+Letters: N batch, C input channels, F filters, H,W input size, K kernel, S stride, Ho,Wo output size,
+P = Ho*Wo output pixels, R pool window size, nb samples in one batch chunk.
+
+How the work is split: every parallel step is one numba parallel region on numba's T threads (the OpenMP layer
+where there is one, see cnnpipe.backends.import_numba), and the GEMMs run inside those regions as single-threaded
+BLAS (numba's np.dot calls scipy's OpenBLAS, pinned to one thread), so exactly T threads compute: no BLAS/numba
+oversubscription and no Python between the steps of a layer.
+- conv (conv.py): the batch is cut into chunks (a chunk's columns stay in cache, at least one chunk per thread),
+  one task per chunk. Forward per chunk: im2col col (C,K,K,nb,Ho,Wo) -> one sgemm W2d @ col -> bias add fused
+  with the (F,nb,P) -> (N,F,P) reorder. Backward per chunk: δ reordered to (F,nb,P); rule 5 dW part = δ2d @ colᵀ
+  (parts summed in chunk order); rule 4 dx = col2im(W2dᵀ @ δ2d), the transposed convolution, which equals the
+  full convolution of δ with the flipped kernel. Rule 6 db is numpy's (deterministic) sum. Forward lends the
+  batch's columns to the first backward when they fit KEEP_COL_BYTES (a training batch); otherwise backward
+  rebuilds them, so memory stays bounded for any batch size.
+- pools (pool.py): direct loops, prange over (n, c) planes, so threads write disjoint memory.
+- dense layers (dense.py, matmul): row blocks of the product, one np.dot each, in one parallel region; small
+  products run in one call in the calling thread.
+- optimizer updates (optim.py): one fused pass per parameter, split over the threads for large parameters.
+- runtime.py: the thread budget, BLAS pinning, reused work buffers (returned arrays are always fresh), input
+  checks, and the registry of every kernel, which warmup() and the tests read.
+
+Adding a kernel:
+1. @njit(cache=True) (parallel=True for a prange kernel, nogil=True for a serial one), so a second process
+   loads it from the disk cache instead of compiling it.
+2. Never read numba's thread count (numba.get_num_threads) inside a kernel: pass T in from runtime.workers().
+   A kernel that reads it compiles and runs, but silently stops being cached.
+3. Register it: runtime.register(__name__, kernels, warm, inner) at the end of its module, with a warm(dtype)
+   that calls it (inner: kernels called only from other kernels; they compile with their callers). The tests
+   fail for a kernel missing from the registry or not warmed up.
+4. A GEMM (np.dot) inside a parallel region runs under runtime.single_blas(), so BLAS does not add its own
+   threads to numba's.
+5. Parallel loops write disjoint outputs; reductions run in one fixed order (per-chunk partials summed in chunk
+   order), so results are deterministic for a fixed thread count.
+"""
+from __future__ import annotations
+
+from cnnpipe.backends.numba.conv import conv2d_backward, conv2d_forward
+from cnnpipe.backends.numba.dense import matmul
+from cnnpipe.backends.numba.optim import adam_update, sgd_update
+from cnnpipe.backends.numba.pool import pool2d_backward, pool2d_forward
+from cnnpipe.backends.numba.runtime import numba, warmup
+
+__all__ = ["conv2d_forward", "conv2d_backward", "pool2d_forward", "pool2d_backward", "matmul", "sgd_update",
+           "adam_update", "warmup", "numba"]

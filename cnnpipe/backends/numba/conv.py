@@ -1,0 +1,261 @@
+"""Convolution: im2col + one GEMM per batch chunk, each chunk a task of one parallel region (rules 4, 5, 6)."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from cnnpipe import ConfigError
+from cnnpipe.backends.numba.runtime import (NO_4D, NO_COLS, Lease, check_input, contiguous, give_back, lease,
+                                            out_size, register, scratch, single_blas, workers)
+from numba import njit, prange  # after runtime: numba's threading layer is chosen there
+
+COL_CHUNK_BYTES = 256 << 10  # im2col bytes per batch chunk: a chunk's columns stay in L2 (docs/numba.md)
+KEEP_COL_BYTES = 64 << 20  # forward keeps a batch's columns up to this size for backward (else rebuilt)
+
+
+class ConvCache(NamedTuple):
+    """What conv2d_backward needs. `cols` leases forward's columns to the first backward only (it writes over
+    them); a later backward on this cache finds the lease void and rebuilds them from x."""
+    x: np.ndarray                         # N,C,H,W
+    w: np.ndarray                         # F,C,K,K
+    stride: int
+    pad: int
+    cols: Lease | None                    # flat C,K,K,N,Ho,Wo by chunk (sample-major); None: too big to keep
+    bounds: np.ndarray                    # the chunks the kept columns are laid out by
+
+
+# ----------------------------------------------------------------------------------------------------
+# kernels. The per-chunk steps are serial kernels called inside the chunk kernels' prange.
+
+@njit(nogil=True, cache=True)
+def _im2col(xp, n0, S, col):
+    """col[c,kh,kw,j,ho,wo] = xp[n0+j, c, ho*S+kh, wo*S+kw], xp the zero-padded input; one (c, j) per task."""
+    C, K, _, nb, Ho, Wo = col.shape           # col C,K,K,nb,Ho,Wo; xp N,C,Hp,Wp
+    for r in range(C * nb):
+        c = r // nb
+        j = r % nb
+        n = n0 + j
+        for kh in range(K):
+            for kw in range(K):
+                for ho in range(Ho):
+                    if S == 1:                # unit stride: contiguous rows, vectorized copy
+                        for wo in range(Wo):
+                            col[c, kh, kw, j, ho, wo] = xp[n, c, ho + kh, wo + kw]
+                    else:
+                        for wo in range(Wo):
+                            col[c, kh, kw, j, ho, wo] = xp[n, c, ho * S + kh, wo * S + kw]
+
+
+@njit(nogil=True, cache=True)
+def _col2im(dcol, n0, S, pad, dx):
+    """dx[n0+j] = dcol scattered back (+=) to the input positions it was copied from, then uncropped of
+    the padding; one (j, c) plane per task, accumulated in a local padded plane (fixed order)."""
+    N, C, H, W = dx.shape                     # dx N,C,H,W
+    _, K, _, nb, Ho, Wo = dcol.shape          # dcol C,K,K,nb,Ho,Wo
+    for r in range(nb * C):
+        j = r // C
+        c = r % C
+        plane = np.zeros((H + 2 * pad, W + 2 * pad), dx.dtype)   # Hp,Wp
+        for kh in range(K):
+            for kw in range(K):
+                for ho in range(Ho):
+                    if S == 1:
+                        for wo in range(Wo):
+                            plane[ho + kh, wo + kw] += dcol[c, kh, kw, j, ho, wo]
+                    else:
+                        for wo in range(Wo):
+                            plane[ho * S + kh, wo * S + kw] += dcol[c, kh, kw, j, ho, wo]
+        for h in range(H):
+            for w in range(W):
+                dx[n0 + j, c, h, w] = plane[h + pad, w + pad]
+
+
+@njit(nogil=True, cache=True)
+def _add_bias_to_nfp(y2d, b, n0, y):
+    """y[n0+j, f, :] = y2d[f, j, :] + b[f]: bias add fused with the (F,nb,P) -> (N,F,P) reorder."""
+    F, nb, P = y2d.shape                      # y2d F,nb,P
+    for r in range(nb * F):
+        j = r // F
+        f = r % F
+        bf = b[f]
+        for p in range(P):
+            y[n0 + j, f, p] = y2d[f, j, p] + bf
+
+
+@njit(nogil=True, cache=True)
+def _delta_to_fnp(dy, n0, dyT):
+    """dyT[f, j, :] = dy[n0+j, f, :]: δ reordered (N,F,P) -> (F,nb,P) for the sgemms."""
+    F, nb, P = dyT.shape                      # dyT F,nb,P
+    for r in range(F * nb):
+        f = r // nb
+        j = r % nb
+        for p in range(P):
+            dyT[f, j, p] = dy[n0 + j, f, p]
+
+
+@njit(nogil=True, cache=True)
+def _chunk_cols(kept, n0, nb, col_shape):
+    """Chunk (n0, nb)'s column array C,K,K,nb,Ho,Wo: its slice of kept (flat, sample-major) when kept is not
+    empty, else a temporary (contents undefined; an empty kept still carries the dtype)."""
+    C, K, Ho, Wo = col_shape
+    size = C * K * K * Ho * Wo
+    if kept.size:
+        return kept[n0 * size:(n0 + nb) * size].reshape((C, K, K, nb, Ho, Wo))
+    return np.empty((C, K, K, nb, Ho, Wo), kept.dtype)
+
+
+@njit(parallel=True, cache=True)
+def _conv_forward_chunks(xp, w2d, b, S, bounds, col_shape, kept, ywork, y3):
+    """Forward, one batch chunk per task: im2col -> one sgemm W2d @ col (np.dot: single-threaded BLAS inside
+    this parallel region) -> bias add fused with the (F,nb,P) -> (N,F,P) reorder. Chunk i spans samples
+    bounds[i]..bounds[i+1]; its columns go to kept (flat, sample-major like every work buffer here) when kept
+    is not empty, else to a temporary; its product to ywork (flat, N*F*P), reused across calls."""
+    C, K, Ho, Wo = col_shape                  # col C,K,K,nb,Ho,Wo
+    F = w2d.shape[0]                          # w2d F, C*K*K
+    P, CKK = Ho * Wo, C * K * K
+    for i in prange(len(bounds) - 1):
+        n0, nb = bounds[i], bounds[i + 1] - bounds[i]
+        col = _chunk_cols(kept, n0, nb, col_shape)
+        _im2col(xp, n0, S, col)
+        y2d = ywork[n0 * F * P:(n0 + nb) * F * P].reshape((F, nb * P))
+        np.dot(w2d, col.reshape((CKK, nb * P)), y2d)
+        _add_bias_to_nfp(y2d.reshape((F, nb, P)), b, n0, y3)
+
+
+@njit(parallel=True, cache=True)
+def _conv_backward_chunks(dy3, xp, w2d, S, pad, bounds, col_shape, kept, need_dx, dx, dwork, parts):
+    """Backward, one batch chunk per task: δ reordered to (F,nb,P) in dwork; rule 5 parts[i] = δ2d @ colᵀ;
+    rule 4 dx = col2im(W2dᵀ @ δ2d), the product written over the columns (no longer needed). Columns come from
+    kept (forward's) or are rebuilt from xp."""
+    C, K, Ho, Wo = col_shape
+    F = w2d.shape[0]
+    P, CKK = Ho * Wo, C * K * K
+    for i in prange(len(bounds) - 1):
+        n0, nb = bounds[i], bounds[i + 1] - bounds[i]
+        dyT = dwork[n0 * F * P:(n0 + nb) * F * P].reshape((F, nb, P))   # δ as F, nb, P
+        _delta_to_fnp(dy3, n0, dyT)
+        dyT2d = dyT.reshape((F, nb * P))
+        col = _chunk_cols(kept, n0, nb, col_shape)
+        if not kept.size:                                         # not kept: rebuilt from xp
+            _im2col(xp, n0, S, col)
+        col2d = col.reshape((CKK, nb * P))
+        np.dot(dyT2d, col2d.T, parts[i])                          # F, C*K*K
+        if need_dx:
+            np.dot(w2d.T, dyT2d, col2d)                           # dcol C*K*K, nb*P over the columns
+            _col2im(col, n0, S, pad, dx)
+
+
+@njit(parallel=True, cache=True)
+def _zeropad(x, pad, xp):
+    """xp = x with `pad` zeros on all four sides."""
+    N, C, H, W = x.shape                      # x N,C,H,W; xp N,C,Hp,Wp
+    for r in prange(N * C):
+        n, c = r // C, r % C
+        xp[n, c] = 0
+        for h in range(H):
+            for w in range(W):
+                xp[n, c, h + pad, w + pad] = x[n, c, h, w]
+
+
+# ----------------------------------------------------------------------------------------------------
+# work split and buffers
+
+def _chunks(N, bytes_per_sample):
+    """Chunk bounds over range(N): chunks of at most COL_CHUNK_BYTES of columns each, and at least one per
+    thread (a multiple of the thread count where the batch allows). Returns int64 [0, ..., N]."""
+    T = workers()
+    count = max(-(-N * bytes_per_sample // COL_CHUNK_BYTES), 1)
+    count = min(N, -(-count // T) * T)
+    nb = -(-N // count)
+    return np.array([*range(0, N, nb), N], np.int64)
+
+
+def _padded(x, pad):
+    """zeropad(x) in a reused work buffer (x itself when pad is 0)."""
+    if pad == 0:
+        return x
+    N, C, H, W = x.shape
+    xp = scratch("xp", (N, C, H + 2 * pad, W + 2 * pad), x.dtype)   # N,C,Hp,Wp
+    _zeropad(x, pad, xp)
+    return xp
+
+
+# ----------------------------------------------------------------------------------------------------
+# the contract
+
+def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int = 1,
+                   pad: int = 0) -> tuple[np.ndarray, ConvCache]:
+    """y = zeropad(x) ⋆ w + b (cross-correlation, like PyTorch); the cache keeps x and w, and the columns
+    when they fit KEEP_COL_BYTES (backward then skips its im2col)."""
+    x = check_input(x, "conv2d_forward input x")        # x N,C,H,W
+    dt = x.dtype
+    w = contiguous(w, dt)                                # w F,C,K,K
+    b = contiguous(b, dt)                                # b F
+    N, C, H, W = x.shape
+    F, K = w.shape[0], w.shape[-1]
+    if w.shape != (F, C, K, K) or b.shape != (F,):
+        raise ConfigError(f"numba backend: conv2d_forward got x {x.shape}, w {w.shape}, b {b.shape}; w must be "
+                          f"F,C,K,K with C = {C} input channels and b must hold F values. Check the layer's "
+                          f"in_channels and kernel shape.")
+    S, pad = int(stride), int(pad)
+    Ho, Wo = out_size(H, K, S, pad, "conv"), out_size(W, K, S, pad, "conv")
+    P, CKK = Ho * Wo, C * K * K
+    y = np.empty((N, F, Ho, Wo), dt)                     # y N,F,Ho,Wo (fresh)
+    y3 = y.reshape(N, F, P)
+    w2d = w.reshape(F, CKK)                              # F, C*K*K
+    xp = _padded(x, pad)                                 # xp N,C,Hp,Wp
+    cols = lease(N * CKK * P, dt) if N * CKK * P * dt.itemsize <= KEEP_COL_BYTES else None
+    bounds = _chunks(N, CKK * P * dt.itemsize)          # chunk i: samples bounds[i]..bounds[i+1]
+    kept = NO_COLS[dt.str] if cols is None else cols.array
+    with single_blas():
+        _conv_forward_chunks(xp, w2d, b, S, bounds, (C, K, Ho, Wo), kept, scratch("y2d", (N * F * P,), dt), y3)
+    return y, ConvCache(x, w, S, pad, cols, bounds)
+
+
+def conv2d_backward(dy: np.ndarray, cache: ConvCache,
+                    need_dx: bool = True) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Rules 4 (without h'), 5, 6. dx = col2im(W2dᵀ @ δ2d), the transposed conv, i.e. the full conv of δ
+    with the flipped kernel (rule 4); dW = δ2d @ colᵀ, the valid correlation of zeropad(x) with δ (rule 5),
+    one partial per batch chunk, summed in chunk order; db = the sum of δ (rule 6). dx is None when
+    need_dx is False (the first layer)."""
+    x, w, S, pad = cache.x, cache.w, cache.stride, cache.pad
+    kept = cache.cols.array if cache.cols is not None and cache.cols.valid else None   # else rebuilt
+    dt = x.dtype
+    dy = contiguous(dy, dt)                              # dy N,F,Ho,Wo
+    N, C, H, W = x.shape
+    F, _, K, _ = w.shape
+    _, _, Ho, Wo = dy.shape
+    P, CKK = Ho * Wo, C * K * K
+    dy3 = dy.reshape(N, F, P)
+    db = dy3.sum(axis=(0, 2))                            # rule 6: numpy's pairwise sum, deterministic
+    dx = np.empty((N, C, H, W), dt) if need_dx else None
+    xp = _padded(x, pad) if kept is None else NO_4D[dt.str]   # xp N,C,Hp,Wp
+    bounds = _chunks(N, CKK * P * dt.itemsize) if kept is None else cache.bounds   # kept: laid out by these
+    parts = np.empty((len(bounds) - 1, F, CKK), dt)     # rule 5 partials, one per chunk
+    with single_blas():
+        _conv_backward_chunks(dy3, xp, w.reshape(F, CKK), S, pad, bounds, (C, K, Ho, Wo),
+                              NO_COLS[dt.str] if kept is None else kept, need_dx,
+                              dx if need_dx else NO_4D[dt.str], scratch("dyT", (N * F * P,), dt), parts)
+    if kept is not None:
+        give_back(cache.cols)                            # written over (dcol): void for any later backward
+    dw2d = parts[0]
+    for part in parts[1:]:                               # fixed order: deterministic
+        dw2d += part
+    return dx, dw2d.reshape(F, C, K, K), db
+
+
+def _warm(dtype: np.dtype) -> None:
+    """Both im2col loops (unit and other strides), kept and rebuilt columns, with and without dx."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 2, 5, 5)).astype(dtype)
+    w = rng.standard_normal((3, 2, 3, 3)).astype(dtype)
+    b = np.zeros(3, dtype)
+    for stride in (1, 2):
+        y, cache = conv2d_forward(x, w, b, stride, 1)
+        conv2d_backward(y, cache, need_dx=True)          # kept columns
+        conv2d_backward(y, cache, need_dx=False)         # rebuilt columns
+
+
+register(__name__, (_conv_forward_chunks, _conv_backward_chunks, _zeropad), _warm,
+         inner=(_im2col, _col2im, _add_bias_to_nfp, _delta_to_fnp, _chunk_cols))

@@ -1,0 +1,49 @@
+"""The dense layers' product: row blocks of `a @ b` split over numba's threads, each one single-threaded sgemm."""
+from __future__ import annotations
+
+import numpy as np
+
+from cnnpipe.backends.numba.runtime import register, single_blas, workers
+from numba import njit, prange  # after runtime: numba's threading layer is chosen there
+
+MATMUL_SPLIT_FLOPS = 2e7  # below this a product runs in one call in the calling thread (docs/numba.md)
+
+
+@njit(parallel=True, cache=True)
+def _matmul_rows(a, b, bounds, out):
+    """out[r0:r1] = a[r0:r1] @ b for each row block (one np.dot per task)."""
+    for i in prange(len(bounds) - 1):
+        r0, r1 = bounds[i], bounds[i + 1]
+        np.dot(a[r0:r1], b, out[r0:r1])
+
+
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b for the dense layers (forward x Wᵀ, backward δᵀx and δW): the rows of `a` split over numba's T
+    threads, each with single-threaded BLAS. Letting OpenBLAS thread these itself would leave its workers
+    spinning (OPENBLAS_THREAD_TIMEOUT) on the cores that the next numba parallel region needs; every output
+    row is one thread's sgemm, so the result is deterministic."""
+    M, K = a.shape                                       # a M,K (any strides, e.g. δᵀ)
+    N = b.shape[1]                                       # b K,N
+    out = np.empty((M, N), np.result_type(a, b))         # M,N (fresh)
+    a = a if a.dtype == out.dtype else a.astype(out.dtype)
+    b = b if b.dtype == out.dtype else b.astype(out.dtype)
+    if 2.0 * M * N * K < MATMUL_SPLIT_FLOPS or workers() == 1:
+        with single_blas():                              # one call in the calling thread
+            return np.dot(a, b, out=out)
+    a = np.ascontiguousarray(a)                          # e.g. δᵀ: the row blocks must be contiguous
+    b = b if b.flags.c_contiguous or b.flags.f_contiguous else np.ascontiguousarray(b)
+    T = min(workers(), M)
+    with single_blas():
+        _matmul_rows(a, b, np.array([r * M // T for r in range(T + 1)], np.int64), out)
+    return out
+
+
+def _warm(dtype: np.dtype) -> None:
+    """The split product, with b = W (C-contiguous) and b = Wᵀ (F-contiguous)."""
+    a, bounds = np.ones((4, 3), dtype), np.array([0, 2, 4], np.int64)
+    for bm in (np.ones((3, 5), dtype), np.ones((5, 3), dtype).T):
+        with single_blas():
+            _matmul_rows(a, bm, bounds, np.empty((4, 5), dtype))
+
+
+register(__name__, (_matmul_rows,), _warm)

@@ -1,0 +1,132 @@
+"""Pooling: direct loops, one (n, c) plane per prange task, so threads write disjoint memory (rules 2, 3)."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from cnnpipe import ConfigError
+from cnnpipe.backends.numba.runtime import check_input, contiguous, out_size, register
+from numba import njit, prange  # after runtime: numba's threading layer is chosen there
+
+
+class PoolCache(NamedTuple):
+    """What pool2d_backward needs: the input's shape and dtype, the window, and max-pool's winners."""
+    mode: str                             # "max" | "mean"
+    xshape: tuple                         # N,C,H,W
+    dtype: np.dtype
+    size: int                             # R
+    stride: int                           # S
+    arg: np.ndarray | None                # max: winner offset i*R+j per window, N,C,Ho,Wo int32; mean: None
+
+
+@njit(parallel=True, cache=True)
+def _maxpool_forward(x, R, S, y, arg):
+    """y = max over each R×R window; arg = row-major offset i*R+j of the first max in the window."""
+    N, C, H, W = x.shape                      # x N,C,H,W
+    _, _, Ho, Wo = y.shape                    # y, arg N,C,Ho,Wo
+    for r in prange(N * C):
+        n, c = r // C, r % C
+        for ho in range(Ho):
+            yrow = y[n, c, ho]                # Wo: running max over the window offsets, row at a time
+            arow = arg[n, c, ho]              # Wo
+            first = x[n, c, ho * S, 0:(Wo - 1) * S + 1:S]
+            for wo in range(Wo):
+                yrow[wo] = first[wo]
+                arow[wo] = 0
+            for o in range(1, R * R):         # row-major offsets; strict > keeps the first max
+                i = o // R
+                j = o % R
+                src = x[n, c, ho * S + i, j:j + (Wo - 1) * S + 1:S]
+                for wo in range(Wo):
+                    v = src[wo]
+                    best = yrow[wo]
+                    if v > best or (v != v and best == best):  # first NaN wins, like np.argmax
+                        yrow[wo] = v
+                        arow[wo] = o
+
+
+@njit(parallel=True, cache=True)
+def _maxpool_backward(dy, arg, R, S, dx):
+    """Rule 2: δ goes only to each window's recorded winner; overlapping windows accumulate."""
+    N, C, Ho, Wo = dy.shape                   # dy, arg N,C,Ho,Wo; dx N,C,H,W
+    for r in prange(N * C):
+        n, c = r // C, r % C
+        dx[n, c] = 0
+        for ho in range(Ho):
+            for wo in range(Wo):
+                k = arg[n, c, ho, wo]
+                dx[n, c, ho * S + k // R, wo * S + k % R] += dy[n, c, ho, wo]
+
+
+@njit(parallel=True, cache=True)
+def _meanpool_forward(x, R, S, y):
+    """y = mean over each R×R window."""
+    N, C, Ho, Wo = y.shape                    # y N,C,Ho,Wo; x N,C,H,W
+    inv = 1.0 / (R * R)
+    for r in prange(N * C):
+        n, c = r // C, r % C
+        for ho in range(Ho):
+            for wo in range(Wo):
+                acc = x[n, c, ho * S, wo * S] * 0
+                for i in range(R):
+                    for j in range(R):
+                        acc += x[n, c, ho * S + i, wo * S + j]
+                y[n, c, ho, wo] = acc * inv
+
+
+@njit(parallel=True, cache=True)
+def _meanpool_backward(dy, R, S, dx):
+    """Rule 3: every neuron of a window gets δ/R²; overlapping windows accumulate. Each task zeroes the plane
+    it scatters into (no separate serial pass over dx)."""
+    N, C, Ho, Wo = dy.shape                   # dy N,C,Ho,Wo; dx N,C,H,W
+    inv = 1.0 / (R * R)
+    for r in prange(N * C):
+        n, c = r // C, r % C
+        dx[n, c] = 0
+        for ho in range(Ho):
+            for wo in range(Wo):
+                g = dy[n, c, ho, wo] * inv
+                for i in range(R):
+                    for j in range(R):
+                        dx[n, c, ho * S + i, wo * S + j] += g
+
+
+def pool2d_forward(x: np.ndarray, size: int = 2, stride: int = 2,
+                   mode: str = "max") -> tuple[np.ndarray, PoolCache]:
+    """Max or mean over size×size windows every `stride`; a remainder that fits no window is dropped."""
+    x = check_input(x, "pool2d_forward input x")
+    if mode not in ("max", "mean"):
+        raise ConfigError(f"numba backend: pool mode '{mode}' is unknown; use pool mode 'max' or 'mean'.")
+    N, C, H, W = x.shape                                 # x N,C,H,W
+    R, S = int(size), int(stride)
+    Ho, Wo = out_size(H, R, S, 0, "pool"), out_size(W, R, S, 0, "pool")
+    y = np.empty((N, C, Ho, Wo), x.dtype)                # y N,C,Ho,Wo
+    if mode == "max":
+        arg = np.empty((N, C, Ho, Wo), np.int32)         # winner offset i*R+j in its window
+        _maxpool_forward(x, R, S, y, arg)
+        return y, PoolCache("max", x.shape, x.dtype, R, S, arg)
+    _meanpool_forward(x, R, S, y)
+    return y, PoolCache("mean", x.shape, x.dtype, R, S, None)
+
+
+def pool2d_backward(dy: np.ndarray, cache: PoolCache) -> np.ndarray:
+    """Rule 2 (max: δ to the recorded winner) or rule 3 (mean: δ/R² to every neuron of the window)."""
+    dy = contiguous(dy, cache.dtype)                     # dy N,C,Ho,Wo
+    dx = np.empty(cache.xshape, cache.dtype)             # dx N,C,H,W (fresh; kernels zero it)
+    if cache.mode == "max":
+        _maxpool_backward(dy, cache.arg, cache.size, cache.stride, dx)
+    else:
+        _meanpool_backward(dy, cache.size, cache.stride, dx)
+    return dx
+
+
+def _warm(dtype: np.dtype) -> None:
+    """Both modes, forward and backward."""
+    x = np.random.default_rng(0).standard_normal((2, 2, 5, 5)).astype(dtype)
+    for mode in ("max", "mean"):
+        y, cache = pool2d_forward(x, 2, 2, mode)
+        pool2d_backward(y, cache)
+
+
+register(__name__, (_maxpool_forward, _maxpool_backward, _meanpool_forward, _meanpool_backward), _warm)

@@ -1,0 +1,171 @@
+"""What every numba kernel module shares: the thread budget, BLAS pinning, work buffers, input checks and the
+kernel registry that warm-up and the tests read."""
+from __future__ import annotations
+
+import threading
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from cnnpipe import ConfigError
+from cnnpipe.backends import import_numba
+
+numba = import_numba()                     # the OpenMP threading layer where there is one (see import_numba)
+import scipy.linalg.cython_blas  # noqa: E402,F401  the BLAS numba's np.dot calls: loaded now, so it can be pinned
+
+
+# ----------------------------------------------------------------------------------------------------
+# the kernel registry
+
+class KernelGroup(NamedTuple):
+    """One module's njit kernels: `kernels` are called from Python, `inner` only from inside other kernels (they
+    compile with their callers); `warm(dtype)` runs every one of them for that dtype."""
+    kernels: tuple
+    inner: tuple
+    warm: Callable[[np.dtype], None]
+
+
+KERNELS: dict[str, KernelGroup] = {}      # module name -> its kernels, in import order
+
+
+def register(module: str, kernels: tuple, warm: Callable[[np.dtype], None], inner: tuple = ()) -> None:
+    """Enter a module's kernels into the registry (warm-up and the cache tests read only this)."""
+    KERNELS[module] = KernelGroup(tuple(kernels), tuple(inner), warm)
+
+
+def warmup(dtype: np.dtype | type = np.float32) -> None:
+    """Compile (first process) or load from the disk cache (later ones) every registered kernel for `dtype`."""
+    for group in KERNELS.values():
+        group.warm(np.dtype(dtype))
+
+
+# ----------------------------------------------------------------------------------------------------
+# threads and BLAS
+
+def workers() -> int:
+    """The thread budget: numba's thread count, as set by cnnpipe.backends.set_threads."""
+    return max(1, numba.get_num_threads())
+
+
+_BLAS = None
+
+
+def _blas_libs():
+    """threadpoolctl controllers of every loaded BLAS: numpy's OpenBLAS and scipy's (numba's np.dot calls
+    scipy's BLAS; it is loaded with this module)."""
+    global _BLAS
+    if _BLAS is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _BLAS = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+        except Exception:  # pragma: no cover - threadpoolctl missing or unreadable: leave BLAS as it is
+            _BLAS = []
+    return _BLAS
+
+
+class single_blas:
+    """BLAS single-threaded while a parallel region calls it from every numba thread (a threaded BLAS inside
+    would oversubscribe the cores); the caller's settings come back afterwards."""
+
+    def __enter__(self):
+        self.libs = [(lib, n) for lib in _blas_libs() if (n := lib.get_num_threads()) != 1]
+        for lib, _ in self.libs:                         # already 1 (set_threads does it): nothing to do
+            lib.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        for lib, n in self.libs:
+            lib.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------------
+# work buffers
+
+class _Buffer:
+    """A pooled flat work array; `generation` moves on each time it is given back, which voids its leases."""
+
+    def __init__(self, array: np.ndarray):
+        self.array, self.generation = array, 0
+
+
+class Lease(NamedTuple):
+    """The use of a pooled buffer until it is given back (then `valid` is False and the contents are undefined)."""
+    buffer: _Buffer
+    generation: int
+
+    @property
+    def valid(self) -> bool:
+        return self.buffer.generation == self.generation
+
+    @property
+    def array(self) -> np.ndarray:
+        return self.buffer.array
+
+
+_spare: dict = {}                           # (size, dtype) -> buffers given back, for the next lease
+
+
+def lease(size: int, dtype) -> Lease:
+    """A flat work buffer of `size` elements held until give_back: a spare one if one was given back."""
+    spare = _spare.get((size, np.dtype(dtype).str))
+    buf = spare.pop() if spare else _Buffer(np.empty(size, dtype))
+    return Lease(buf, buf.generation)
+
+
+def give_back(held: Lease) -> None:
+    """The holder is done with the buffer: void every lease on it and keep up to two spares per size."""
+    if not held.valid:
+        return
+    buf = held.buffer
+    buf.generation += 1
+    spare = _spare.setdefault((buf.array.size, buf.array.dtype.str), [])
+    if len(spare) < 2:
+        spare.append(buf)
+
+
+DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+NO_COLS = {d.str: np.empty(0, d) for d in DTYPES}              # "no kept columns" for the chunk kernels
+NO_4D = {d.str: np.empty((0, 0, 0, 0), d) for d in DTYPES}     # "no padded input" / "no input gradient"
+_tls = threading.local()
+
+
+def scratch(role: str, shape: tuple, dtype) -> np.ndarray:
+    """A C-contiguous work array of `shape`, reused across calls of the calling thread (contents undefined)."""
+    bufs = _tls.__dict__.setdefault("bufs", {})
+    size = int(np.prod(shape))
+    key = (role, np.dtype(dtype).str)
+    buf = bufs.get(key)
+    if buf is None or buf.size < size:
+        buf = bufs[key] = np.empty(size, dtype)
+    return buf[:size].reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------------
+# inputs
+
+def contiguous(a: np.ndarray, dtype) -> np.ndarray:
+    """C-contiguous array of `dtype` (no copy when it already is)."""
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def check_input(x: np.ndarray, what: str) -> np.ndarray:
+    """x must be a float32/float64 N,C,H,W array; returns it C-contiguous."""
+    x = np.ascontiguousarray(x)
+    if x.dtype not in (np.float32, np.float64):
+        raise ConfigError(f"numba backend: {what} has dtype {x.dtype}, but the kernels work on float32 or "
+                          f"float64 arrays. Convert the input with .astype(np.float32) before calling.")
+    if x.ndim != 4:
+        raise ConfigError(f"numba backend: {what} has shape {x.shape}, but an N,C,H,W array is expected. "
+                          f"Put conv and pool layers before Flatten, on image-shaped inputs.")
+    return x
+
+
+def out_size(n: int, k: int, s: int, p: int, what: str) -> int:
+    """Output length of a k-window sliding with stride s over n (+2p padding); remainder dropped."""
+    if k < 1 or s < 1 or p < 0:
+        raise ConfigError(f"numba backend: {what} size {k}, stride {s} and pad {p} must satisfy size >= 1, "
+                          f"stride >= 1, pad >= 0. Fix the layer's size/stride/pad in the model config.")
+    o = (n + 2 * p - k) // s + 1
+    if n + 2 * p < k:
+        raise ConfigError(f"numba backend: {what} window {k} (stride {s}, pad {p}) does not fit an input of "
+                          f"size {n}; make the kernel smaller, pad more, or feed a larger input.")
+    return o
