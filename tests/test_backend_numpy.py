@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from cnnpipe import ConfigError
-from cnnpipe.backends import get_backend
+from cnnpipe.backends import BACKENDS, get_backend
 from cnnpipe.backends import numpy_backend as B
 from kernel_oracle import (check_conv_against_torch, check_pool_against_torch, fd_check_conv, fd_check_pool,
                            random_conv_cases, random_pool_cases, rel_err)
@@ -170,8 +170,18 @@ def test_chunked_im2col_matches_single_chunk(monkeypatch, stride):
         assert rel_err(a, r) < 1e-14
 
 
-def test_registry_returns_this_module():
-    assert get_backend("numpy") is B
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_every_registered_backend_implements_the_contract(name):
+    backend = get_backend(name)
+    for fn in ("conv2d_forward", "conv2d_backward", "pool2d_forward", "pool2d_backward", "matmul", "sgd_update",
+               "adam_update"):
+        assert callable(getattr(backend, fn)), (name, fn)
+    assert (backend is B) == (name == "numpy")
+
+
+def test_an_unknown_backend_names_the_available_ones():
+    with pytest.raises(ConfigError, match="Unknown backend 'cuda'. Available backends: " + ", ".join(BACKENDS)):
+        get_backend("cuda")
 
 
 @pytest.mark.parametrize("call", [

@@ -1,7 +1,9 @@
 """Every config group composes and builds; bad overrides fail with a clear message, exit code and no traceback."""
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cnnpipe.model import build_model
 from conftest import REPO, run_script, tiny_overrides
@@ -10,20 +12,49 @@ GROUPS = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml"))
           for g in ("model", "pool", "backend", "data", "optim", "debug", "experiment")}
 
 
+def _stated(node, prefix=""):
+    """(dotted key, value) for every leaf a YAML config file states (lists of layers compared whole)."""
+    for k, v in node.items():
+        if k in ("defaults", "hydra"):
+            continue
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _stated(v, key + ".")
+        else:
+            yield key, v
+
+
 @pytest.mark.parametrize("group, option", [(g, o) for g, opts in GROUPS.items() for o in opts])
-def test_every_config_option_composes_and_builds(compose_cfg, group, option):
+def test_every_config_option_composes_to_what_its_file_states(compose_cfg, group, option):
+    """Choosing group=option gives exactly the values the option's file states, and a model that builds."""
+    from omegaconf import OmegaConf
     cfg = compose_cfg([f"{group}={option}"])
-    assert cfg[group if group not in ("debug", "experiment") else "name"] is not None
+    stated = yaml.safe_load((REPO / "conf" / group / f"{option}.yaml").read_text()) or {}
+    package = "" if group in ("debug", "experiment") else group + "."      # @package _global_ files
+    for key, value in _stated(stated, package):
+        got = OmegaConf.to_container(OmegaConf.select(cfg, key), resolve=True) if key.endswith("layers") else \
+            OmegaConf.select(cfg, key)
+        if key.endswith("layers"):
+            got = [{k: v for k, v in layer.items() if v is not None} for layer in got]
+            value = [{k: (cfg.data.num_classes if v == "${data.num_classes}" else v) for k, v in layer.items()}
+                     for layer in value]
+        elif isinstance(value, str) and "${" in value:
+            continue                                        # interpolations: resolved against the rest
+        assert got == value, (key, got, value)
     model = build_model(cfg)
     assert model.out_shape == (cfg.data.num_classes,)
+    assert len(model.layers) == len(cfg.model.layers)
 
 
-def test_groups_are_not_empty():
-    assert {"lenet5", "convnet"} <= set(GROUPS["model"])
-    assert {"max", "mean"} <= set(GROUPS["pool"])
-    assert {"numpy", "numba"} <= set(GROUPS["backend"])
-    assert {"mnist", "fashion_mnist", "kmnist", "cifar10", "cifar100"} <= set(GROUPS["data"])
-    assert {"sgd", "adam"} <= set(GROUPS["optim"])
+def test_the_readme_lists_every_config_option_and_only_those():
+    """The configuration table names each option of each group (`model/` row: `lenet5`, ...)."""
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("| group / node | options |"):readme.index("A layer stack is a list")]
+    for group in ("model", "pool", "backend", "data", "optim", "debug", "experiment"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| `{group}/` |"))
+        listed = set(re.findall(r"`([a-z0-9_]+)`", row.split("|")[2]))
+        assert set(GROUPS[group]) <= listed, (group, set(GROUPS[group]) - listed)
+        assert {o for o in listed if (REPO / "conf" / group).joinpath(f"{o}.yaml").exists()} == set(GROUPS[group])
 
 
 def test_pool_mean_switches_every_pool_and_conv_k_every_conv(compose_cfg):

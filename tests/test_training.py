@@ -45,12 +45,26 @@ def test_same_seed_gives_bit_identical_metrics(compose_cfg, fashion_root, tmp_pa
     assert Trainer(cfg, tmp_path / "other").fit()["history"]["train_loss"] != runs[0][0]
 
 
-def test_float64_and_schedules_run(compose_cfg, fashion_root, tmp_path):
+def test_float64_and_a_cosine_schedule_drive_the_steps(compose_cfg, fashion_root, tmp_path):
+    """dtype=float64 reaches every parameter, and each step runs with the cosine schedule's lr for that step."""
+    from cnnpipe.callbacks import Callback
+    from cnnpipe.optim import lr_at
+
+    class Record(Callback):
+        lrs = []
+
+        def on_step_end(self, tr, step, result, lr, seconds):
+            self.lrs.append(lr)
     cfg = compose_cfg(tiny_overrides(fashion_root, **{"dtype": "float64", "optim.schedule": "cosine",
-                                                      "trainer.max_steps": "4"}))
+                                                      "optim.min_lr": "0.001", "trainer.epochs": "2"}))
     tr = Trainer(cfg, tmp_path)
+    tr.callbacks.append(Record())
     tr.fit()
     assert all(p.dtype == np.float64 for p in tr.model.named_params().values())
+    n = 2 * tr.steps_per_epoch
+    assert Record.lrs == [lr_at(cfg.optim, s, tr.steps_per_epoch, n) for s in range(n)]
+    assert Record.lrs[0] == pytest.approx(cfg.optim.lr) and all(a > b for a, b in zip(Record.lrs, Record.lrs[1:]))
+    assert Record.lrs[-1] > cfg.optim.min_lr and Record.lrs[-1] < 0.1 * cfg.optim.lr
 
 
 def test_lr_schedules():
