@@ -64,7 +64,7 @@ def test_float64_and_a_cosine_schedule_drive_the_steps(compose_cfg, fashion_root
     n = 2 * tr.steps_per_epoch
     assert Record.lrs == [lr_at(cfg.optim, s, tr.steps_per_epoch, n) for s in range(n)]
     assert Record.lrs[0] == pytest.approx(cfg.optim.lr) and all(a > b for a, b in zip(Record.lrs, Record.lrs[1:]))
-    assert Record.lrs[-1] > cfg.optim.min_lr and Record.lrs[-1] < 0.1 * cfg.optim.lr
+    assert 0 < Record.lrs[-1] - cfg.optim.min_lr < 0.05 * (cfg.optim.lr - cfg.optim.min_lr)    # near the floor
 
 
 def test_lr_schedules():
