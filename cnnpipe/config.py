@@ -147,3 +147,19 @@ def register_configs():
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConf)
     OmegaConf.register_new_resolver("fresh_dir", fresh_dir, use_cache=True, replace=True)
+
+
+def compose_config(overrides: list[str] = (), return_hydra_config: bool = False):
+    """The train config as scripts/train.py composes it (Hydra's compose API, conf/ of this checkout), for
+    library use: tests, the benchmark, the LR finder."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+            return compose("train", overrides=list(overrides), return_hydra_config=return_hydra_config)
+    finally:
+        GlobalHydra.instance().clear()

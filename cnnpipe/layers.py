@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 from cnnpipe import ConfigError
+from cnnpipe.shapes import out_size
 
 
 class Layer:
@@ -80,12 +81,12 @@ class Conv2d(Layer):
             raise ConfigError(f"{self.name}: kernel size k={self.K}, stride={self.stride} and filters={self.F} "
                               f"must all be >= 1. Fix conv.k / conv.stride or the layer's own values.")
         t, b, l, r = self._pads(H, W)
-        Ho, Wo = (H + t + b - self.K) // self.stride + 1, (W + l + r - self.K) // self.stride + 1
         if H + t + b < self.K or W + l + r < self.K:
             raise ConfigError(
                 f"{self.name}: a {self.K}x{self.K} kernel does not fit its input {C}x{H}x{W} "
                 f"(padding {self.padding!r}); the output would be smaller than 1x1. Use a smaller k, "
                 f"padding=same, or remove a pooling layer before it.")
+        Ho, Wo = out_size(H, self.K, self.stride, t, b), out_size(W, self.K, self.stride, l, r)
         self.pads, self.sym = (t, b, l, r), (t == b == l == r)
         self.B = backend
         fan_in, fan_out = C * self.K * self.K, self.F * self.K * self.K
@@ -144,7 +145,7 @@ class Pool2d(Layer):
                 f"before it, or a smaller conv.k.")
         self.B = backend
         self.in_shape = tuple(in_shape)
-        self.out_shape = (C, (H - self.size) // self.stride + 1, (W - self.size) // self.stride + 1)
+        self.out_shape = (C, out_size(H, self.size, self.stride), out_size(W, self.size, self.stride))
         return self.out_shape
 
     def forward(self, x, train):

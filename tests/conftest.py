@@ -61,17 +61,8 @@ def tiny_overrides(root: Path, **extra) -> list[str]:
 @pytest.fixture
 def compose_cfg():
     """compose_cfg(overrides) -> the real train config (Hydra compose API), as scripts/train.py sees it."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from cnnpipe.config import register_configs
-    register_configs()
-
-    def _compose(overrides=()):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            return compose("train", overrides=list(overrides))
-    yield _compose
-    GlobalHydra.instance().clear()
+    from cnnpipe.config import compose_config
+    return compose_config
 
 
 def run_script(script, *args, timeout=300, env=None, cwd=None):

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as TF
 
+from cnnpipe.gradcheck import central_difference
+
 TOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
 
 
@@ -91,23 +93,9 @@ def check_pool_against_torch(B, N, C, H, W, size, stride, mode, dtype, seed=0):
             "dx": assert_close(f"{mode}-pool dx ({rule})", dx, tx.grad.numpy(), dtype)}
 
 
-def _fd_grad(loss, a, idx, eps):
-    """Central difference of loss() w.r.t. a.flat[i] for each i in idx (a is perturbed in place, restored)."""
-    flat, g = a.reshape(-1), np.empty(len(idx))
-    for j, i in enumerate(idx):
-        old = flat[i]
-        flat[i] = old + eps
-        lp = loss()
-        flat[i] = old - eps
-        lm = loss()
-        flat[i] = old
-        g[j] = (lp - lm) / (2 * eps)
-    return g
-
-
 def _fd_compare(name, analytic, loss, a, rng, max_entries, eps, tol):
     idx = np.arange(a.size) if a.size <= max_entries else rng.choice(a.size, max_entries, replace=False)
-    num = _fd_grad(loss, a, idx, eps)
+    num = central_difference(loss, a, idx, eps)
     got = np.asarray(analytic).reshape(-1)[idx]
     err = float(np.max(np.abs(got - num)) / max(np.max(np.abs(num)), 1.0))
     assert err <= tol, f"{name}: finite-difference relative error {err:.3g} > {tol:.1g}"

@@ -89,26 +89,19 @@ def test_optuna_sweep_of_three_trials(fashion_root, tmp_path):
 
 
 def test_hparams_search_configs_and_command_line_optuna_compose():
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from cnnpipe.config import register_configs
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        names = sorted(p.stem for p in (REPO / "conf" / "hparams_search").glob("*.yaml"))
-        assert names
-        for name in names:
-            cfg = compose("train", overrides=[f"hparams_search={name}"], return_hydra_config=True)
-            sw = cfg.hydra.sweeper
-            assert sw._target_.endswith("OptunaSweeper") and sw.n_trials > 0 and sw.sampler.seed is not None
-            assert sw.params and cfg.optimized_metric and sw.direction == "maximize"
-            assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
-            cfg = compose("train", overrides=[f"hparams_search={name}"])
-            from cnnpipe.model import build_model
-            assert build_model(cfg).out_shape == (cfg.data.num_classes,)
-        cfg = compose("train", overrides=["hydra/sweeper=optuna"], return_hydra_config=True)
-        assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
-    GlobalHydra.instance().clear()
+    from cnnpipe.config import compose_config
+    from cnnpipe.model import build_model
+    names = sorted(p.stem for p in (REPO / "conf" / "hparams_search").glob("*.yaml"))
+    assert names
+    for name in names:
+        cfg = compose_config([f"hparams_search={name}"], return_hydra_config=True)
+        sw = cfg.hydra.sweeper
+        assert sw._target_.endswith("OptunaSweeper") and sw.n_trials > 0 and sw.sampler.seed is not None
+        assert sw.params and cfg.optimized_metric and sw.direction == "maximize"
+        assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+        assert build_model(compose_config([f"hparams_search={name}"])).out_shape == (cfg.data.num_classes,)
+    cfg = compose_config(["hydra/sweeper=optuna"], return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
 
 
 @pytest.mark.parametrize("overrides, expect", [
@@ -123,17 +116,11 @@ def test_hparams_search_configs_and_command_line_optuna_compose():
 ])
 def test_per_job_thread_limit_follows_the_launcher(overrides, expect):
     """job_threads on the real composed config of each launcher (jobs at a time = min(batch, launcher slots))."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from cnnpipe.config import register_configs
-    from cnnpipe.sweep import cpu_count, job_threads
-    register_configs()
-    GlobalHydra.instance().clear()
     from omegaconf import open_dict
+    from cnnpipe.config import compose_config
+    from cnnpipe.sweep import cpu_count, job_threads
     launcher = [o for o in overrides if o.lstrip("+").startswith("hydra")]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=launcher, return_hydra_config=True)
-    GlobalHydra.instance().clear()
+    cfg = compose_config(launcher, return_hydra_config=True)
     with open_dict(cfg):                                    # what the sweep process sees: the raw sweep overrides
         cfg.hydra.overrides.task = [o for o in overrides if o not in launcher]
     threads, parallel = job_threads(cfg)

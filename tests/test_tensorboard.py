@@ -47,14 +47,8 @@ def fit_with_logger(cfg, run_dir, step0=0):
 @pytest.fixture(scope="module")
 def tb_run(tmp_path_factory, fashion_root):
     """One real tiny LeNet-5 run (2 epochs × 6 steps) with the logger; returns (run_dir, trainer, metrics, ea)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from cnnpipe.config import register_configs
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=tiny_overrides(fashion_root, **TB_OVERRIDES))
-    GlobalHydra.instance().clear()
+    from cnnpipe.config import compose_config
+    cfg = compose_config(tiny_overrides(fashion_root, **TB_OVERRIDES))
     run_dir = tmp_path_factory.mktemp("tbrun")
     tr, metrics = fit_with_logger(cfg, run_dir)
     return run_dir, tr, metrics, accumulate(run_dir)
@@ -188,25 +182,18 @@ def test_resumed_steps_continue_and_the_update_ratio_is_true(compose_cfg, fashio
 def test_hydra_overrides_become_hparams_and_the_switch_works(fashion_root, tmp_path):
     """As in a Hydra job (HydraConfig set, as @hydra.main does): the job's overrides are HPARAMS columns.
     make_trainer (the real wiring) adds the logger only with logger.tensorboard=true."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
-    from cnnpipe.config import register_configs
-    from cnnpipe.tb import run_hparams
     from cnnpipe.app import make_trainer
-    register_configs()
+    from cnnpipe.config import compose_config
+    from cnnpipe.tb import run_hparams
     common = tiny_overrides(fashion_root, **{"trainer.max_steps": "3", "checkpoint.enabled": "false"})
-    GlobalHydra.instance().clear()
+    cfg = compose_config([*common, "pool=mean", "conv.k=3", "resume=null"], return_hydra_config=True)
+    off = compose_config(common)
     try:
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            cfg = compose("train", overrides=[*common, "pool=mean", "conv.k=3", "resume=null"],
-                          return_hydra_config=True)
-            off = compose("train", overrides=common)
         HydraConfig.instance().set_config(cfg)
         hp = run_hparams(cfg)
     finally:
         HydraConfig.instance().cfg = None
-        GlobalHydra.instance().clear()
     assert hp["pool"] == "mean" and hp["pool.mode"] == "mean" and hp["conv.k"] == 3 and "resume" not in hp
     assert hp["trainer.max_steps"] == 3 and hp["data.download"] == "false" and hp["conv.padding"] == "same"
     assert not any(isinstance(cb, TensorBoardLogger) for cb in make_trainer(off, tmp_path / "off").callbacks)

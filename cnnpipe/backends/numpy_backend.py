@@ -20,22 +20,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from cnnpipe import ConfigError
+from cnnpipe.shapes import conv_output, pool_output
 
 # im2col buffers above this many bytes are built one chunk of samples at a time and not cached
 # (backward rebuilds them), e.g. C=64, K=5, N=256 at 28x28 would need 1.3 GB at once.
 COL_CHUNK_BYTES = 256 * 2**20
-
-
-def _out_size(H, K, S, P, what):
-    """Output length of a window of K sliding with stride S over H (+2P padding); remainder dropped."""
-    if K < 1 or S < 1 or P < 0:
-        raise ConfigError(f"{what}: kernel/window size {K}, stride {S} and pad {P} must satisfy size >= 1, "
-                          f"stride >= 1, pad >= 0. Fix the layer's size/stride/pad in the model config.")
-    if H + 2 * P < K:
-        raise ConfigError(f"{what}: a {K}x{K} window does not fit an input of size {H} (pad {P}). "
-                          f"Use a smaller kernel/pool size, more padding, or fewer downsampling layers.")
-    return (H + 2 * P - K) // S + 1
 
 
 def _zeropad(x, P):
@@ -91,13 +80,10 @@ def _chunks(N, bytes_per_sample):
 
 def conv2d_forward(x, w, b, stride=1, pad=0):
     """y[n,f] = b[f] + Σ_c correlate(zeropad(x[n,c]), w[f,c]) sampled every `stride` pixels."""
-    if x.ndim != 4 or w.ndim != 4 or w.shape[1] != x.shape[1] or w.shape[2] != w.shape[3] or b.shape != (w.shape[0],):
-        raise ConfigError(f"conv2d: expected x N,C,H,W, w F,C,K,K and b F with matching C, got x {x.shape}, "
-                          f"w {w.shape}, b {b.shape}. Check the layer's in_channels / kernel size.")
+    S, P = int(stride), int(pad)
+    Ho, Wo = conv_output(x, w, b, S, P)                                   # checks the shapes fit first
     N, C, H, W = x.shape
     F, _, K, _ = w.shape
-    S, P = int(stride), int(pad)
-    Ho, Wo = _out_size(H, K, S, P, "conv2d"), _out_size(W, K, S, P, "conv2d")
     w2d = w.astype(x.dtype, copy=False).reshape(F, C * K * K)  # F,CKK
     xp = _zeropad(x, P)  # N,C,Hp,Wp
     y = np.empty((N, F, Ho * Wo), dtype=x.dtype)  # N,F,HoWo
@@ -191,13 +177,9 @@ def conv2d_backward_weight_reference(dy, x, K, stride=1, pad=0):
 
 def pool2d_forward(x, size=2, stride=2, mode="max"):
     """Max or mean over size×size windows every `stride` pixels; rows/cols left over are dropped."""
-    if mode not in ("max", "mean"):
-        raise ConfigError(f"pool2d: unknown pooling mode '{mode}'. Use pool=max or pool=mean.")
-    if x.ndim != 4:
-        raise ConfigError(f"pool2d: expected an N,C,H,W input, got shape {x.shape}. Put pooling after a conv layer.")
-    N, C, H, W = x.shape
     k, S = int(size), int(stride)
-    Ho, Wo = _out_size(H, k, S, 0, "pool2d"), _out_size(W, k, S, 0, "pool2d")
+    Ho, Wo = pool_output(x, k, S, mode)                                   # checks mode and shape
+    N, C, H, W = x.shape
     if mode == "mean":  # k² strided slice-adds (a reshape to N,C,Ho,k,Wo,k + sum is ~30x slower)
         y = x[:, :, 0:S * Ho:S, 0:S * Wo:S].copy()  # N,C,Ho,Wo
         for o in range(1, k * k):

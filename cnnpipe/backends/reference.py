@@ -26,8 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cnnpipe import ConfigError
-from cnnpipe.backends.numpy_backend import _out_size
+from cnnpipe.shapes import conv_output, pool_output
 from cnnpipe.backends.numpy_backend import adam_update, matmul, sgd_update  # noqa: F401  (the contract's rest)
 
 
@@ -82,13 +81,10 @@ class ConvCache(NamedTuple):
 
 def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int = 1, pad: int = 0):
     """y[n,f] = b[f] + Σ_c conv2d(zeropad(x[n,c]), W[f,c], 'valid'), kept every `stride` pixels."""
-    if x.ndim != 4 or w.ndim != 4 or w.shape[1] != x.shape[1] or w.shape[2] != w.shape[3] or b.shape != (w.shape[0],):
-        raise ConfigError(f"conv2d: expected x N,C,H,W, w F,C,K,K and b F with matching C, got x {x.shape}, "
-                          f"w {w.shape}, b {b.shape}. Check the layer's in_channels / kernel size.")
+    S, P = int(stride), int(pad)
+    Ho, Wo = conv_output(x, w, b, S, P)                                   # checks the shapes fit first
     N, C, H, W = x.shape
     F, _, K, _ = w.shape
-    S, P = int(stride), int(pad)
-    Ho, Wo = _out_size(H, K, S, P, "conv2d"), _out_size(W, K, S, P, "conv2d")   # a clear error if K does not fit
     w, b = w.astype(x.dtype, copy=False), b.astype(x.dtype, copy=False)
     xp = zeropad(x, P)                                                                # N,C,Hp,Wp
     # Σ over the channels one at a time (all at once would hold an N,F,C,Hf,Wf temporary)
@@ -130,13 +126,9 @@ class PoolCache(NamedTuple):
 def pool2d_forward(x: np.ndarray, size: int = 2, stride: int = 2, mode: str = "max"):
     """Max or mean over every size×size window, one every `stride` pixels; rows/cols left over are dropped.
     Max records each window's winner (the first maximum in row-major order) for rule 2."""
-    if mode not in ("max", "mean"):
-        raise ConfigError(f"pool2d: unknown pooling mode '{mode}'. Use pool=max or pool=mean.")
-    if x.ndim != 4:
-        raise ConfigError(f"pool2d: expected an N,C,H,W input, got shape {x.shape}. Put pooling after a conv layer.")
-    N, C, H, W = x.shape
     k, S = int(size), int(stride)
-    Ho, Wo = _out_size(H, k, S, 0, "pool2d"), _out_size(W, k, S, 0, "pool2d")
+    Ho, Wo = pool_output(x, k, S, mode)                                   # checks mode and shape
+    N, C, H, W = x.shape
     y = np.empty((N, C, Ho, Wo), dtype=x.dtype)                                       # N,C,Ho,Wo
     winner = np.zeros((N, C, Ho, Wo), dtype=np.intp) if mode == "max" else None       # N,C,Ho,Wo
     for i in range(Ho):

@@ -6,8 +6,9 @@ from typing import NamedTuple
 import numpy as np
 
 from cnnpipe import ConfigError
+from cnnpipe.shapes import out_size
 from cnnpipe.backends.numba.runtime import (NO_4D, NO_COLS, Lease, check_input, contiguous, give_back, lease,
-                                            out_size, register, scratch, single_blas, workers)
+                                            register, scratch, single_blas, workers)
 from numba import njit, prange  # after runtime: numba's threading layer is chosen there
 
 COL_CHUNK_BYTES = 256 << 10  # im2col bytes per batch chunk: a chunk's columns stay in L2 (docs/numba.md)
@@ -199,7 +200,7 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int = 1,
                           f"F,C,K,K with C = {C} input channels and b must hold F values. Check the layer's "
                           f"in_channels and kernel shape.")
     S, pad = int(stride), int(pad)
-    Ho, Wo = out_size(H, K, S, pad, "conv"), out_size(W, K, S, pad, "conv")
+    Ho, Wo = out_size(H, K, S, pad, what="numba conv2d"), out_size(W, K, S, pad, what="numba conv2d")
     P, CKK = Ho * Wo, C * K * K
     y = np.empty((N, F, Ho, Wo), dt)                     # y N,F,Ho,Wo (fresh)
     y3 = y.reshape(N, F, P)

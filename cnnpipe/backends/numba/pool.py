@@ -6,7 +6,8 @@ from typing import NamedTuple
 import numpy as np
 
 from cnnpipe import ConfigError
-from cnnpipe.backends.numba.runtime import check_input, contiguous, out_size, register
+from cnnpipe.shapes import out_size
+from cnnpipe.backends.numba.runtime import check_input, contiguous, register
 from numba import njit, prange  # after runtime: numba's threading layer is chosen there
 
 
@@ -100,7 +101,7 @@ def pool2d_forward(x: np.ndarray, size: int = 2, stride: int = 2,
         raise ConfigError(f"numba backend: pool mode '{mode}' is unknown; use pool mode 'max' or 'mean'.")
     N, C, H, W = x.shape                                 # x N,C,H,W
     R, S = int(size), int(stride)
-    Ho, Wo = out_size(H, R, S, 0, "pool"), out_size(W, R, S, 0, "pool")
+    Ho, Wo = out_size(H, R, S, what="numba pool2d"), out_size(W, R, S, what="numba pool2d")
     y = np.empty((N, C, Ho, Wo), x.dtype)                # y N,C,Ho,Wo
     if mode == "max":
         arg = np.empty((N, C, Ho, Wo), np.int32)         # winner offset i*R+j in its window

@@ -157,15 +157,3 @@ def check_input(x: np.ndarray, what: str) -> np.ndarray:
         raise ConfigError(f"numba backend: {what} has shape {x.shape}, but an N,C,H,W array is expected. "
                           f"Put conv and pool layers before Flatten, on image-shaped inputs.")
     return x
-
-
-def out_size(n: int, k: int, s: int, p: int, what: str) -> int:
-    """Output length of a k-window sliding with stride s over n (+2p padding); remainder dropped."""
-    if k < 1 or s < 1 or p < 0:
-        raise ConfigError(f"numba backend: {what} size {k}, stride {s} and pad {p} must satisfy size >= 1, "
-                          f"stride >= 1, pad >= 0. Fix the layer's size/stride/pad in the model config.")
-    o = (n + 2 * p - k) // s + 1
-    if n + 2 * p < k:
-        raise ConfigError(f"numba backend: {what} window {k} (stride {s}, pad {p}) does not fit an input of "
-                          f"size {n}; make the kernel smaller, pad more, or feed a larger input.")
-    return o
