@@ -22,8 +22,8 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from cnnpipe import ConfigError
-from cnnpipe.metrics import improved
 from cnnpipe.callbacks import Callback
+from cnnpipe.metrics import improved
 from cnnpipe.rundir import checkpoint_run_dir
 
 FORMAT_VERSION = 1

@@ -14,7 +14,8 @@ from omegaconf import MISSING
 
 @dataclass
 class LayerConf:
-    """One entry of a model's layer stack. `type`: conv | pool | act | relu | tanh | sigmoid | flatten | dense | dropout.
+    """One entry of a model's layer stack.
+    `type`: conv | pool | act | relu | tanh | sigmoid | flatten | dense | dropout.
     Unset fields take the shared defaults (conv.*, pool.*, model.activation)."""
     type: str = MISSING
     filters: Optional[int] = None       # conv
@@ -143,6 +144,7 @@ class TrainConf:
 
 def register_configs():
     from omegaconf import OmegaConf
+
     from cnnpipe.rundir import fresh_dir
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConf)

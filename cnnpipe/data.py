@@ -253,7 +253,9 @@ def _open(name, cls, root, mirror, download):
 
 
 def _torchvision_folder(cls, root):
-    return os.path.join(root, cls.base_folder) if hasattr(cls, "base_folder") else os.path.join(root, cls.__name__, "raw")
+    if hasattr(cls, "base_folder"):
+        return os.path.join(root, cls.base_folder)
+    return os.path.join(root, cls.__name__, "raw")
 
 
 def _archives(cls):

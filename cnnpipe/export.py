@@ -30,7 +30,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
 
 from cnnpipe import ConfigError
 from cnnpipe.checkpoint import load_checkpoint, run_dir_of

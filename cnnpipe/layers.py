@@ -80,17 +80,18 @@ class Conv2d(Layer):
         if self.K < 1 or self.stride < 1 or self.F < 1:
             raise ConfigError(f"{self.name}: kernel size k={self.K}, stride={self.stride} and filters={self.F} "
                               f"must all be >= 1. Fix conv.k / conv.stride or the layer's own values.")
-        t, b, l, r = self._pads(H, W)
-        if H + t + b < self.K or W + l + r < self.K:
+        top, bottom, left, right = self._pads(H, W)
+        if H + top + bottom < self.K or W + left + right < self.K:
             raise ConfigError(
                 f"{self.name}: a {self.K}x{self.K} kernel does not fit its input {C}x{H}x{W} "
                 f"(padding {self.padding!r}); the output would be smaller than 1x1. Use a smaller k, "
                 f"padding=same, or remove a pooling layer before it.")
-        Ho, Wo = out_size(H, self.K, self.stride, t, b), out_size(W, self.K, self.stride, l, r)
-        self.pads, self.sym = (t, b, l, r), (t == b == l == r)
+        Ho, Wo = out_size(H, self.K, self.stride, top, bottom), out_size(W, self.K, self.stride, left, right)
+        self.pads, self.sym = (top, bottom, left, right), (top == bottom == left == right)
         self.B = backend
         fan_in, fan_out = C * self.K * self.K, self.F * self.K * self.K
-        self.params = {"W": _init_weight(rng, (self.F, C, self.K, self.K), fan_in, fan_out, self.init, dtype),  # F,C,K,K
+        W_shape = (self.F, C, self.K, self.K)                                                              # F,C,K,K
+        self.params = {"W": _init_weight(rng, W_shape, fan_in, fan_out, self.init, dtype),
                        "b": np.zeros(self.F, dtype=dtype)}                                                    # F
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
         self.in_shape, self.out_shape = tuple(in_shape), (self.F, Ho, Wo)
@@ -100,8 +101,8 @@ class Conv2d(Layer):
         if self.sym:
             y, self.cache = self.B.conv2d_forward(x, self.params["W"], self.params["b"], self.stride, self.pads[0])
         else:                           # asymmetric 'same' (even K): zero-pad here, then a valid conv
-            t, b, l, r = self.pads
-            xp = np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)))       # N,C,H+t+b,W+l+r
+            top, bottom, left, right = self.pads
+            xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))      # N,C,Hp,Wp
             y, self.cache = self.B.conv2d_forward(xp, self.params["W"], self.params["b"], self.stride, 0)
         return y                                                     # N,F,Ho,Wo
 
@@ -113,8 +114,8 @@ class Conv2d(Layer):
         dx, dW, db = self.B.conv2d_backward(delta, self.cache, need_dx=self.need_dx)
         self.grads["W"], self.grads["b"] = dW, db
         if dx is not None and not self.sym:
-            t, b, l, r = self.pads
-            dx = np.ascontiguousarray(dx[:, :, t:dx.shape[2] - b, l:dx.shape[3] - r])   # crop the zero padding
+            top, bottom, left, right = self.pads
+            dx = np.ascontiguousarray(dx[:, :, top:dx.shape[2] - bottom, left:dx.shape[3] - right])   # crop the padding
         return dx
 
     def flops(self):

@@ -50,10 +50,10 @@ class Sequential:
 
     def named_params(self) -> dict[str, np.ndarray]:
         """`conv1.W` -> array (the same objects the layers hold: optimizers update them in place)."""
-        return {f"{l.name}.{k}": v for l in self.layers for k, v in l.params.items()}
+        return {f"{layer.name}.{k}": v for layer in self.layers for k, v in layer.params.items()}
 
     def named_grads(self) -> dict[str, np.ndarray]:
-        return {f"{l.name}.{k}": v for l in self.layers for k, v in l.grads.items()}
+        return {f"{layer.name}.{k}": v for layer in self.layers for k, v in layer.grads.items()}
 
     def load_params(self, arrays: dict[str, np.ndarray]):
         for name, p in self.named_params().items():
@@ -65,14 +65,16 @@ class Sequential:
     def summary(self) -> str:
         rows = [("layer", "output shape", "params", "FLOPs/sample")]
         rows.append(("input", fmt_shape(self.in_shape), "", ""))
-        for l in self.layers:
-            n = sum(p.size for p in l.params.values())
-            rows.append((f"{l.name} ({l.describe()})", fmt_shape(l.out_shape), f"{n:,}" if n else "",
-                         f"{l.flops():,}" if l.flops() else ""))
-        total_flops = sum(l.flops() for l in self.layers)
+        for layer in self.layers:
+            n = sum(p.size for p in layer.params.values())
+            rows.append((f"{layer.name} ({layer.describe()})", fmt_shape(layer.out_shape), f"{n:,}" if n else "",
+                         f"{layer.flops():,}" if layer.flops() else ""))
+        total_flops = sum(layer.flops() for layer in self.layers)
         rows.append(("total", "", f"{self.param_count():,}", f"{total_flops:,}"))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        line = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+        def line(r):
+            return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
         sep = "-" * len(line(rows[0]))
         return "\n".join([line(rows[0]), sep, *map(line, rows[1:-1]), sep, line(rows[-1])])
 

@@ -75,7 +75,8 @@ def check_optim_values(cfg):
     def bad(key, value, rule):
         raise ConfigError(f"optim.{key}={value!r} cannot work: {rule}. Fix it on the command line (optim.{key}=...) "
                           f"or in conf/optim/{cfg.name}.yaml.")
-    finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
+    def finite(v):
+        return isinstance(v, (int, float)) and math.isfinite(v)
     if not finite(cfg.lr) or cfg.lr <= 0:
         bad("lr", cfg.lr, "the learning rate must be a finite number > 0")
     if not finite(cfg.weight_decay) or cfg.weight_decay < 0:

@@ -156,7 +156,8 @@ class TensorBoardLogger(Callback):
                     p[f"grad_norm/{layer.name}.{k}"] = _norm(g)
                 if layer.has_delta_map and layer.delta is not None:
                     p[f"delta_norm/{layer.name}"] = _norm(layer.delta)
-            self.snapshot = {l.name: {k: v.copy() for k, v in l.params.items()} for l in tr.model.layers if l.params}
+            self.snapshot = {layer.name: {k: v.copy() for k, v in layer.params.items()}
+                             for layer in tr.model.layers if layer.params}
         if self.cfg.histogram_every and step % self.cfg.histogram_every == 0:
             for layer in tr.model.layers:
                 for k in layer.params:

@@ -14,31 +14,32 @@ def torch_twin(model, copy_weights=True):
     from torch import nn
     dtype = torch.float64 if model.dtype == np.float64 else torch.float32
     mods = []
-    for l in model.layers:
-        if isinstance(l, Conv2d):
-            t, b, le, r = l.pads
-            if not l.sym:
-                mods.append(nn.ZeroPad2d((le, r, t, b)))
-            conv = nn.Conv2d(l.in_shape[0], l.F, l.K, stride=l.stride, padding=t if l.sym else 0)
-            mods.append(conv)
-        elif isinstance(l, Pool2d):
-            mods.append(nn.MaxPool2d(l.size, l.stride) if l.mode == "max" else nn.AvgPool2d(l.size, l.stride))
-        elif isinstance(l, Dense):
-            mods.append(nn.Linear(l.in_shape[0], l.units))
-        elif isinstance(l, Flatten):
+    for layer in model.layers:
+        if isinstance(layer, Conv2d):
+            top, bottom, left, right = layer.pads
+            if not layer.sym:
+                mods.append(nn.ZeroPad2d((left, right, top, bottom)))
+            mods.append(nn.Conv2d(layer.in_shape[0], layer.F, layer.K, stride=layer.stride,
+                                  padding=top if layer.sym else 0))
+        elif isinstance(layer, Pool2d):
+            pool = nn.MaxPool2d if layer.mode == "max" else nn.AvgPool2d
+            mods.append(pool(layer.size, layer.stride))
+        elif isinstance(layer, Dense):
+            mods.append(nn.Linear(layer.in_shape[0], layer.units))
+        elif isinstance(layer, Flatten):
             mods.append(nn.Flatten())
-        elif isinstance(l, Dropout):
-            mods.append(nn.Dropout(l.p))
+        elif isinstance(layer, Dropout):
+            mods.append(nn.Dropout(layer.p))
         else:
-            mods.append({ReLU: nn.ReLU, Tanh: nn.Tanh, Sigmoid: nn.Sigmoid}[type(l)]())
+            mods.append({ReLU: nn.ReLU, Tanh: nn.Tanh, Sigmoid: nn.Sigmoid}[type(layer)]())
     net = nn.Sequential(*mods).to(dtype)
     if copy_weights:
-        params = [l for l in model.layers if l.params]
+        params = [layer for layer in model.layers if layer.params]
         weighted = [m for m in net if isinstance(m, (nn.Conv2d, nn.Linear))]
         with torch.no_grad():
-            for l, m in zip(params, weighted):
-                m.weight.copy_(torch.from_numpy(l.params["W"]))
-                m.bias.copy_(torch.from_numpy(l.params["b"]))
+            for layer, m in zip(params, weighted):
+                m.weight.copy_(torch.from_numpy(layer.params["W"]))
+                m.bias.copy_(torch.from_numpy(layer.params["b"]))
     return net
 
 

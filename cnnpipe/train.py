@@ -77,7 +77,8 @@ class Trainer:
             it = batches(self.data.train, tc.batch_size, mean=self.data.mean, std=self.data.std, dtype=self.dtype,
                          shuffle_seed=[tc.seed, self.epoch], augment=self.data.augment,
                          crop_padding=self.data.crop_padding, start=self.batch_in_epoch)
-            bar = _progress(tc.progress, self.steps_per_epoch, self.batch_in_epoch, f"epoch {self.epoch + 1}/{tc.epochs}")
+            bar = _progress(tc.progress, self.steps_per_epoch, self.batch_in_epoch,
+                            f"epoch {self.epoch + 1}/{tc.epochs}")
             mark = time.perf_counter()
             for x, y in it:                                                  # x N,C,H,W   y N
                 lr = lr_at(self.cfg.optim, self.step, self.steps_per_epoch, self.total_steps)

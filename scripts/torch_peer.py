@@ -20,6 +20,7 @@ register_configs()
 
 def train_torch(cfg):
     import torch
+
     from cnnpipe.data import batches, load_data, num_batches
     from cnnpipe.model import build_model
     from cnnpipe.optim import lr_at

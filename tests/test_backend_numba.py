@@ -9,13 +9,20 @@ import pytest
 
 pytest.importorskip("numba")
 
+from kernel_oracle import (  # noqa: E402
+    TOL,
+    check_conv_against_torch,
+    check_pool_against_torch,
+    random_conv_cases,
+    random_pool_cases,
+    rel_err,
+)
+
+import cnnpipe.backends.numba as B  # noqa: E402
 from cnnpipe import ConfigError  # noqa: E402
 from cnnpipe.backends import get_backend  # noqa: E402
-import cnnpipe.backends.numba as B  # noqa: E402
-from cnnpipe.backends.numba import conv, dense, optim, pool, runtime  # noqa: E402
 from cnnpipe.backends import numpy_backend as REF  # noqa: E402
-from kernel_oracle import (TOL, check_conv_against_torch, check_pool_against_torch, random_conv_cases,  # noqa: E402
-                           random_pool_cases, rel_err)
+from cnnpipe.backends.numba import conv, dense, optim, pool, runtime  # noqa: E402
 
 CONV_CASES = [
     (2, 3, 8, 8, 4, 3, 1, 1),    # odd K, "same" padding
@@ -163,7 +170,7 @@ def test_outputs_are_fresh_arrays_not_reused_buffers():
     q1 = B.pool2d_backward(p1, pc1)
     keep = [a.copy() for a in (y1, *g1, p1, q1)]
     y2, c2 = B.conv2d_forward(x * 2 + 1, w - 1, b, stride=S, pad=P)
-    g2 = B.conv2d_backward(dy * 3, c2)
+    B.conv2d_backward(dy * 3, c2)
     p2, pc2 = B.pool2d_forward(y2, 2, 2, "max")
     B.pool2d_backward(p2, pc2)
     for a, k in zip((y1, *g1, p1, q1), keep):

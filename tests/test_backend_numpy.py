@@ -1,12 +1,19 @@
 """numpy backend (the reference) vs torch autograd, finite differences, and the literal rule-4/5 forms."""
 import numpy as np
 import pytest
+from kernel_oracle import (
+    check_conv_against_torch,
+    check_pool_against_torch,
+    fd_check_conv,
+    fd_check_pool,
+    random_conv_cases,
+    random_pool_cases,
+    rel_err,
+)
 
 from cnnpipe import ConfigError
 from cnnpipe.backends import BACKENDS, get_backend
 from cnnpipe.backends import numpy_backend as B
-from kernel_oracle import (check_conv_against_torch, check_pool_against_torch, fd_check_conv, fd_check_pool,
-                           random_conv_cases, random_pool_cases, rel_err)
 
 # hand-picked edges + randomized shapes (K 1-6, stride 1-3, pad 0-3, H != W)
 CONV_CASES = [

@@ -6,6 +6,17 @@ import re
 
 import numpy as np
 import pytest
+from conftest import REPO, run_script
+from kernel_oracle import (
+    assert_close,
+    check_conv_against_torch,
+    check_pool_against_torch,
+    fd_check_conv,
+    fd_check_pool,
+    random_conv_cases,
+    random_pool_cases,
+)
+from test_backend_numpy import CONV_CASES, POOL_CASES, _id  # the numpy backend's edge cases + randomized shapes
 
 from cnnpipe import ConfigError
 from cnnpipe.backends import get_backend
@@ -14,10 +25,6 @@ from cnnpipe.backends import reference as B
 from cnnpipe.gradcheck import gradcheck
 from cnnpipe.losses import softmax_cross_entropy
 from cnnpipe.model import build_model
-from conftest import REPO, run_script
-from kernel_oracle import (assert_close, check_conv_against_torch, check_pool_against_torch, fd_check_conv,
-                           fd_check_pool, random_conv_cases, random_pool_cases)
-from test_backend_numpy import CONV_CASES, POOL_CASES, _id   # the numpy backend's edge cases + randomized shapes
 
 DTYPES = [np.float32, np.float64]
 

@@ -4,18 +4,17 @@ import os
 import pickle
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
+from conftest import PY, REPO, run_script, tiny_overrides
 
 from cnnpipe import ConfigError
-from cnnpipe.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from cnnpipe.app import make_trainer
 from cnnpipe.callbacks import Callback
+from cnnpipe.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from cnnpipe.train import Interrupted, Trainer
-from conftest import PY, REPO, run_script, tiny_overrides
 
 BACKENDS = ["numpy", pytest.param("numba", marks=pytest.mark.skipif(
     not (REPO / "cnnpipe/backends/numba/__init__.py").exists(), reason="numba backend missing"))]

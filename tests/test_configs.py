@@ -1,12 +1,11 @@
 """Every config group composes and builds; bad overrides fail with a clear message, exit code and no traceback."""
 import re
-from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO, run_script, tiny_overrides
 
 from cnnpipe.model import build_model
-from conftest import REPO, run_script, tiny_overrides
 
 GROUPS = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml"))
           for g in ("model", "pool", "backend", "data", "optim", "debug", "experiment")}
@@ -59,15 +58,15 @@ def test_the_readme_lists_every_config_option_and_only_those():
 
 def test_pool_mean_switches_every_pool_and_conv_k_every_conv(compose_cfg):
     model = build_model(compose_cfg(["model=convnet", "pool=mean", "conv.k=3"]))
-    assert [l.mode for l in model.layers if l.kind == "pool"] == ["mean", "mean"]
-    assert [l.K for l in model.layers if l.kind == "conv"] == [3, 3]
+    assert [layer.mode for layer in model.layers if layer.kind == "pool"] == ["mean", "mean"]
+    assert [layer.K for layer in model.layers if layer.kind == "conv"] == [3, 3]
 
 
 def test_a_layer_keeps_its_own_settings(compose_cfg):
     model = build_model(compose_cfg(["model=custom_example", "conv.k=5", "pool=mean"]))
-    convs = [l for l in model.layers if l.kind == "conv"]
+    convs = [layer for layer in model.layers if layer.kind == "conv"]
     assert [c.K for c in convs] == [3, 4] and convs[1].stride == 2
-    pool = next(l for l in model.layers if l.kind == "pool")
+    pool = next(layer for layer in model.layers if layer.kind == "pool")
     assert (pool.size, pool.stride, pool.mode) == (3, 2, "mean")
 
 

@@ -7,7 +7,6 @@ the test's own files; torchvision's real checking, extraction and reading code r
 import functools
 import gzip
 import http.server
-import io
 import logging
 import os
 import pickle

@@ -8,12 +8,12 @@ import subprocess
 
 import numpy as np
 import pytest
+from conftest import PY, REPO, run_script, tiny_overrides
 
 from cnnpipe import export
 from cnnpipe.checkpoint import checkpoint_config, load_checkpoint
 from cnnpipe.data import Split, batches, load_data
 from cnnpipe.model import build_model
-from conftest import PY, REPO, run_script, tiny_overrides
 
 MODELS = {
     # LeNet-5: odd kernel (symmetric 'same'), max pool

@@ -57,7 +57,7 @@ def test_model_gradients_match_torch_autograd(compose_cfg, overrides, dtype):
     tol = dict(rtol=1e-9, atol=1e-11) if dtype == "float64" else dict(rtol=2e-4, atol=2e-6)
     np.testing.assert_allclose(loss, lt.item(), **tol)
     np.testing.assert_allclose(dx, xt.grad.numpy(), **tol)
-    ours = [g for l in model.layers for g in (l.grads.get("W"), l.grads.get("b")) if g is not None]
+    ours = [g for layer in model.layers for g in (layer.grads.get("W"), layer.grads.get("b")) if g is not None]
     theirs = [p.grad.numpy() for p in net.parameters()]
     assert len(ours) == len(theirs)
     for a, b in zip(ours, theirs):
@@ -85,7 +85,7 @@ def test_optimizers_follow_torch(name, backend, size):
     else:
         opt = SGD(ours, 0.1, momentum=0.9, nesterov=True, weight_decay=1e-2, backend=B)
         topt = torch.optim.SGD(tp, 0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)
-    for step in range(5):
+    for _ in range(5):
         g = {"w": rng.standard_normal((3, size)), "b": rng.standard_normal(4)}
         opt.step(g, lr=opt.lr)
         for t, k in zip(tp, ("w", "b")):
@@ -100,7 +100,7 @@ def test_dropout_is_identity_in_eval_and_scaled_in_training(compose_cfg):
     x = np.random.default_rng(0).standard_normal((2, 1, 28, 28))
     a, b = model.forward(x, train=False), model.forward(x, train=False)
     np.testing.assert_array_equal(a, b)
-    drop = next(l for l in model.layers if l.kind == "dropout")
+    drop = next(layer for layer in model.layers if layer.kind == "dropout")
     h = np.ones((1000, 50))
     out = drop.forward(h, train=True)
     assert set(np.unique(out)) == {0.0, 1 / 0.6}

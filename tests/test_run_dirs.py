@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_script, tiny_overrides
 
 from cnnpipe.checkpoint import load_checkpoint
-from conftest import run_script, tiny_overrides
 
 SMALL = {"data.val_size": "64", "data.limit_train": "256", "data.limit_test": "64", "trainer.batch_size": "64"}
 

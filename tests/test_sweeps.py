@@ -7,13 +7,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import PY, REPO, run_script
 
 
@@ -117,6 +115,7 @@ def test_hparams_search_configs_and_command_line_optuna_compose():
 def test_per_job_thread_limit_follows_the_launcher(overrides, expect):
     """job_threads on the real composed config of each launcher (jobs at a time = min(batch, launcher slots))."""
     from omegaconf import open_dict
+
     from cnnpipe.config import compose_config
     from cnnpipe.sweep import cpu_count, job_threads
     launcher = [o for o in overrides if o.lstrip("+").startswith("hydra")]

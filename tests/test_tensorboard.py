@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_overrides
 from omegaconf import open_dict
 from PIL import Image
 
@@ -21,7 +22,6 @@ from cnnpipe.app import log_to_file
 from cnnpipe.images import diverging, grid
 from cnnpipe.tb import TensorBoardLogger
 from cnnpipe.train import Trainer
-from conftest import REPO, tiny_overrides
 
 LAYERS = ("conv1", "conv2", "dense1", "dense2", "dense3")          # LeNet-5's parameterized layers
 TB_OVERRIDES = {"data.val_size": "64", "data.limit_train": "192", "data.limit_test": "64", "trainer.epochs": "2",
@@ -79,7 +79,7 @@ def test_the_logger_reports_its_own_cost_in_train_log(tb_run):
     """Every run's train.log says what logging cost against the training loop (how the ≤ 5 % figure is measured)."""
     run_dir, tr, metrics, ea = tb_run
     logger = next(cb for cb in tr.callbacks if isinstance(cb, TensorBoardLogger))
-    line = next(l for l in (run_dir / "train.log").read_text().splitlines() if "TensorBoard logging took" in l)
+    line = next(s for s in (run_dir / "train.log").read_text().splitlines() if "TensorBoard logging took" in s)
     found = re.search(r"took ([\d.]+) s in its hooks: ([\d.]+) % of the ([\d.]+) s", line)
     secs, pct, loop = map(float, found.groups())
     trained = sum(metrics["epoch_seconds"])
@@ -168,7 +168,9 @@ def test_resumed_steps_continue_and_the_update_ratio_is_true(compose_cfg, fashio
     assert [e.step for e in ea.Scalars("train/loss")] == [1001, 1002, 1004, 1006]
     assert [e.step for e in ea.Images("delta/conv1")] == [1004, 1006]    # every image_every, and the last step
     assert not ea.Tags()["histograms"]
-    last = lambda tag: [e.value for e in ea.Scalars(tag)]
+
+    def last(tag):
+        return [e.value for e in ea.Scalars(tag)]
     for name in LAYERS:
         g = np.hypot(last(f"grad_norm/{name}.W"), last(f"grad_norm/{name}.b"))
         w_after = np.hypot(last(f"weight_norm/{name}.W"), last(f"weight_norm/{name}.b"))
@@ -183,6 +185,7 @@ def test_hydra_overrides_become_hparams_and_the_switch_works(fashion_root, tmp_p
     """As in a Hydra job (HydraConfig set, as @hydra.main does): the job's overrides are HPARAMS columns.
     make_trainer (the real wiring) adds the logger only with logger.tensorboard=true."""
     from hydra.core.hydra_config import HydraConfig
+
     from cnnpipe.app import make_trainer
     from cnnpipe.config import compose_config
     from cnnpipe.tb import run_hparams

@@ -3,10 +3,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import run_script, tiny_overrides
 
 from cnnpipe.app import train
 from cnnpipe.train import Trainer
-from conftest import run_script, tiny_overrides
 
 
 def test_tiny_run_learns_and_writes_metrics(compose_cfg, fashion_root, tmp_path):
@@ -37,7 +37,8 @@ def test_same_seed_gives_bit_identical_metrics(compose_cfg, fashion_root, tmp_pa
         cfg = compose_cfg(tiny_overrides(fashion_root, **extra))
         tr = Trainer(cfg, tmp_path / str(i))
         m = tr.fit()
-        runs.append((m["history"]["train_loss"], m["test_loss"], {k: v.copy() for k, v in tr.model.named_params().items()}))
+        params = {k: v.copy() for k, v in tr.model.named_params().items()}
+        runs.append((m["history"]["train_loss"], m["test_loss"], params))
     assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1]
     for k in runs[0][2]:
         np.testing.assert_array_equal(runs[0][2][k], runs[1][2][k])
@@ -69,6 +70,7 @@ def test_float64_and_a_cosine_schedule_drive_the_steps(compose_cfg, fashion_root
 
 def test_lr_schedules():
     from omegaconf import OmegaConf
+
     from cnnpipe.optim import lr_at
     base = dict(lr=0.1, schedule="step", step_size=2, gamma=0.5, min_lr=0.0)
     step = OmegaConf.create(base)

@@ -26,9 +26,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cnnpipe.shapes import conv_output, pool_output
 from cnnpipe.backends.numpy_backend import adam_update, matmul, sgd_update  # noqa: F401  (the contract's rest)
-
+from cnnpipe.shapes import conv_output, pool_output
 
 # ----------------------------------------------------------------------------- the slides' vocabulary
 

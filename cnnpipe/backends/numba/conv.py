@@ -4,12 +4,23 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+from numba import njit, prange  # after runtime: numba's threading layer is chosen there
 
 from cnnpipe import ConfigError
+from cnnpipe.backends.numba.runtime import (
+    NO_4D,
+    NO_COLS,
+    Lease,
+    check_input,
+    contiguous,
+    give_back,
+    lease,
+    register,
+    scratch,
+    single_blas,
+    workers,
+)
 from cnnpipe.shapes import out_size
-from cnnpipe.backends.numba.runtime import (NO_4D, NO_COLS, Lease, check_input, contiguous, give_back, lease,
-                                            register, scratch, single_blas, workers)
-from numba import njit, prange  # after runtime: numba's threading layer is chosen there
 
 COL_CHUNK_BYTES = 256 << 10  # im2col bytes per batch chunk: a chunk's columns stay in L2 (docs/numba.md)
 KEEP_COL_BYTES = 64 << 20  # forward keeps a batch's columns up to this size for backward (else rebuilt)

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import numpy as np
+from numba import njit, prange  # after runtime: numba's threading layer is chosen there
 
 from cnnpipe.backends.numba.runtime import register, single_blas, workers
-from numba import njit, prange  # after runtime: numba's threading layer is chosen there
 
 MATMUL_SPLIT_FLOPS = 2e7  # below this a product runs in one call in the calling thread (docs/numba.md)
 

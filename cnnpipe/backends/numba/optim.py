@@ -3,9 +3,9 @@ threads for large parameters; each reproduces the numpy backend's float operatio
 from __future__ import annotations
 
 import numpy as np
+from numba import njit, prange  # after runtime: numba's threading layer is chosen there
 
 from cnnpipe.backends.numba.runtime import contiguous, register, workers
-from numba import njit, prange  # after runtime: numba's threading layer is chosen there
 
 UPDATE_SPLIT = 1 << 16  # parameters with fewer elements update in one serial call
 

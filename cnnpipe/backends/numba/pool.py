@@ -4,11 +4,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+from numba import njit, prange  # after runtime: numba's threading layer is chosen there
 
 from cnnpipe import ConfigError
-from cnnpipe.shapes import out_size
 from cnnpipe.backends.numba.runtime import check_input, contiguous, register
-from numba import njit, prange  # after runtime: numba's threading layer is chosen there
+from cnnpipe.shapes import out_size
 
 
 class PoolCache(NamedTuple):

@@ -13,7 +13,6 @@ from cnnpipe.backends import import_numba
 numba = import_numba()                     # the OpenMP threading layer where there is one (see import_numba)
 import scipy.linalg.cython_blas  # noqa: E402,F401  the BLAS numba's np.dot calls: loaded now, so it can be pinned
 
-
 # ----------------------------------------------------------------------------------------------------
 # the kernel registry
 
