@@ -18,6 +18,7 @@ import numpy as np
 
 from cnnpipe import ConfigError
 from cnnpipe.backends import get_backend, set_threads
+from cnnpipe.backends.cores import given_cores
 from cnnpipe.data import batches, load_data, num_batches, preload_torchvision
 from cnnpipe.losses import softmax_cross_entropy
 from cnnpipe.model import build_model
@@ -48,13 +49,14 @@ class Trainer:
                               f"trainer.epochs={cfg.trainer.epochs}: the seed and epochs must be >= 0 and the batch "
                               f"size >= 1.")
         self.dtype = np.dtype(cfg.dtype)
-        self.threads = set_threads(cfg.backend.threads, cfg.backend.name)
+        threads, threads_source = given_cores(cfg.backend.threads)
+        self.threads = set_threads(threads, cfg.backend.name)
         self.backend = get_backend(cfg.backend.name)
         self.model = build_model(cfg, self.backend)          # shape checks happen here, before any data
         check_writable(self.run_dir)
         _log_to_file(self.run_dir / "train.log")
-        log.info("model %s (%s backend, %s, %d threads)\n%s", cfg.model.name, cfg.backend.name, cfg.dtype,
-                 self.threads, self.model.summary())
+        log.info("model %s (%s backend, %s, %d threads: %s)\n%s", cfg.model.name, cfg.backend.name, cfg.dtype,
+                 self.threads, threads_source, self.model.summary())
         if hasattr(self.backend, "warmup"):
             preload_torchvision()                            # torch's import overlaps the numba warm-up
             self.backend.warmup(self.dtype)
@@ -233,7 +235,7 @@ def make_trainer(cfg, run_dir, overrides=None) -> Trainer:
 def train(cfg, run_dir, overrides=None) -> float:
     """Run one training job in run_dir and return the optimized metric (for Hydra's sweepers).
 
-    SIGINT/SIGTERM finish the step in progress, write checkpoints/last.npz and raise Interrupted."""
+    SIGINT/SIGTERM/SIGUSR2 finish the step in progress, write checkpoints/last.npz and raise Interrupted."""
     trainer = make_trainer(cfg, run_dir, overrides)
     with stop_on_signals(trainer):
         metrics = trainer.fit()
@@ -242,7 +244,8 @@ def train(cfg, run_dir, overrides=None) -> float:
 
 @contextlib.contextmanager
 def stop_on_signals(trainer):
-    """First SIGINT/SIGTERM: ask the loop to stop after this step. A second SIGINT: stop at once."""
+    """First SIGINT/SIGTERM/SIGUSR2: ask the loop to stop after this step. A second SIGINT: stop at once.
+    SIGUSR2 is the warning a SLURM job gets before its time limit (submitit's sbatch --signal=USR2@<delay>)."""
     def handler(signum, frame):
         name = signal.Signals(signum).name
         if trainer.stop_requested and signum == signal.SIGINT:
@@ -252,7 +255,7 @@ def stop_on_signals(trainer):
     if threading.current_thread() is not threading.main_thread():
         yield                                   # signals can only be handled on the main thread
         return
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
     try:
         yield
     finally:
