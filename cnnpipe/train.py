@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -235,17 +236,23 @@ def make_trainer(cfg, run_dir, overrides=None) -> Trainer:
 def train(cfg, run_dir, overrides=None) -> float:
     """Run one training job in run_dir and return the optimized metric (for Hydra's sweepers).
 
-    SIGINT/SIGTERM/SIGUSR2 finish the step in progress, write checkpoints/last.npz and raise Interrupted."""
-    trainer = make_trainer(cfg, run_dir, overrides)
-    with stop_on_signals(trainer):
-        metrics = trainer.fit()
+    SIGINT/SIGTERM/SIGUSR2 finish the step in progress, write checkpoints/last.npz and raise Interrupted. SLURM
+    may send its time-limit warning (SIGUSR2) up to a minute early, so one that comes during set-up is kept: the
+    run then stops after its first step."""
+    early = types.SimpleNamespace(stop_requested=None)
+    with stop_on_signals(early, (signal.SIGUSR2,)):
+        trainer = make_trainer(cfg, run_dir, overrides)
+        with stop_on_signals(trainer):
+            trainer.stop_requested = trainer.stop_requested or early.stop_requested
+            metrics = trainer.fit()
     return optimized_metric(trainer.cfg, metrics)
 
 
 @contextlib.contextmanager
-def stop_on_signals(trainer):
-    """First SIGINT/SIGTERM/SIGUSR2: ask the loop to stop after this step. A second SIGINT: stop at once.
-    SIGUSR2 is the warning a SLURM job gets before its time limit (submitit's sbatch --signal=USR2@<delay>)."""
+def stop_on_signals(trainer, signals=(signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)):
+    """First SIGINT/SIGTERM/SIGUSR2: ask the loop to stop after this step (sets trainer.stop_requested). A second
+    SIGINT: stop at once. SIGUSR2 is the warning a SLURM job gets before its time limit (submitit's sbatch
+    --signal=USR2@<delay>)."""
     def handler(signum, frame):
         name = signal.Signals(signum).name
         if trainer.stop_requested and signum == signal.SIGINT:
@@ -255,7 +262,7 @@ def stop_on_signals(trainer):
     if threading.current_thread() is not threading.main_thread():
         yield                                   # signals can only be handled on the main thread
         return
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
+    old = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
     finally:

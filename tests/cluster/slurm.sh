@@ -90,7 +90,8 @@ ReturnToService=2
 KillWait=30
 CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 $node_line NodeAddr=127.0.0.1 State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+# The partition the README's submitit_slurm command names.
+PartitionName=cpu Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
   slurmctld -c
   slurmd -N "$NODE"
