@@ -8,7 +8,8 @@ what Hydra does not do:
   NaN instead of ending the sweep; with sweep.resume=true a finished job (metrics.json) is skipped and an
   interrupted one (checkpoints/last.npz) continues from its checkpoint.
 - `SweepCallback` (hydra.callbacks in conf/train.yaml): before the jobs start, a per-job numba/BLAS thread limit
-  when jobs share this machine's cores; after they end, summary.csv + summary.md in the sweep directory.
+  when jobs share this machine's cores (and no object-store default for a Ray cluster, which ray.init refuses);
+  after they end, summary.csv + summary.md in the sweep directory.
 - `check_plugins`: a launcher/sweeper plugin that is not installed is a clear error naming the extra to install.
 """
 from __future__ import annotations
