@@ -6,6 +6,7 @@ import contextlib
 import logging
 import signal
 import threading
+import types
 from pathlib import Path
 
 from cnnpipe import ConfigError
@@ -64,16 +65,23 @@ def _continue_from(trainer: Trainer, ckpt) -> None:
 def train(cfg, run_dir, overrides: list[str] | None = None) -> float:
     """Run one training job in run_dir and return the optimized metric (for Hydra's sweepers).
 
-    SIGINT/SIGTERM finish the step in progress, write checkpoints/last.npz and raise Interrupted."""
-    trainer = make_trainer(cfg, run_dir, overrides)
-    with stop_on_signals(trainer):
-        metrics = trainer.fit()
+    SIGINT/SIGTERM/SIGUSR2 finish the step in progress, write checkpoints/last.npz and raise Interrupted. SLURM
+    may send its time-limit warning (SIGUSR2) up to a minute early, so one that comes during set-up is kept: the
+    run then stops after its first step."""
+    early = types.SimpleNamespace(stop_requested=None)
+    with stop_on_signals(early, (signal.SIGUSR2,)):
+        trainer = make_trainer(cfg, run_dir, overrides)
+        with stop_on_signals(trainer):
+            trainer.stop_requested = trainer.stop_requested or early.stop_requested
+            metrics = trainer.fit()
     return optimized_metric(trainer.cfg, metrics)
 
 
 @contextlib.contextmanager
-def stop_on_signals(trainer: Trainer):
-    """First SIGINT/SIGTERM: ask the loop to stop after this step. A second SIGINT: stop at once."""
+def stop_on_signals(trainer, signals=(signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)):
+    """First SIGINT/SIGTERM/SIGUSR2: ask the loop to stop after this step (sets trainer.stop_requested). A second
+    SIGINT: stop at once. SIGUSR2 is the warning a SLURM job gets before its time limit (submitit's sbatch
+    --signal=USR2@<delay>)."""
     def handler(signum, frame):
         name = signal.Signals(signum).name
         if trainer.stop_requested and signum == signal.SIGINT:
@@ -83,7 +91,7 @@ def stop_on_signals(trainer: Trainer):
     if threading.current_thread() is not threading.main_thread():
         yield                                   # signals can only be handled on the main thread
         return
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
     finally:

@@ -7,7 +7,7 @@ import textwrap
 from cnnpipe import ConfigError
 
 EXIT_CONFIG = 2
-EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143, "SIGUSR2": 140}
 
 
 def say(message: str, prefix="error: "):

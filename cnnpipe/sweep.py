@@ -8,7 +8,8 @@ what Hydra does not do:
   NaN instead of ending the sweep; with sweep.resume=true a finished job (metrics.json) is skipped and an
   interrupted one (checkpoints/last.npz) continues from its checkpoint.
 - `SweepCallback` (hydra.callbacks in conf/train.yaml): before the jobs start, a per-job numba/BLAS thread limit
-  when jobs share this machine's cores; after they end, summary.csv + summary.md in the sweep directory.
+  when jobs share this machine's cores (and no object-store default for a Ray cluster, which ray.init refuses);
+  after they end, summary.csv + summary.md in the sweep directory.
 - `missing_plugin`: a launcher/sweeper plugin that is not installed is a clear error naming the extra to install.
 """
 from __future__ import annotations
@@ -29,9 +30,10 @@ from omegaconf import OmegaConf
 from cnnpipe.jsonio import read_json, write_json_atomic
 from cnnpipe.metrics import optimized_metric, optimized_metric_name
 
+from cnnpipe.backends.cores import THREADS_ENV, given_cores
+
 log = logging.getLogger("cnnpipe.sweep")
 
-THREADS_ENV = "CNNPIPE_JOB_THREADS"         # set by the callback in the sweep process, read by each job
 JOB_FILE = "job.json"
 SHOWN_METRICS = ("test_acc", "test_loss", "val_acc", "val_loss", "train_loss", "epochs", "samples_per_second")
 failed_jobs: list[dict] = []                # filled by on_multirun_end; scripts/train.py exits 1 when non-empty
@@ -121,10 +123,7 @@ def run_job(cfg, hc, train_fn) -> float:
         record["resumed"] = True
         log.info("job %s resumes from %s", hc.job.num, job_dir / "checkpoints" / "last.npz")
 
-    env_threads = os.environ.get(THREADS_ENV)
-    if cfg.backend.threads is None and env_threads:
-        cfg.backend.threads = int(env_threads)
-    record["threads"] = cfg.backend.threads
+    record["threads"] = given_cores(cfg.backend.threads)[0]
     record["sweep_dir"] = str(sweep_dir)
     write_json_atomic(job_file, record)
     t0 = time.perf_counter()
@@ -134,6 +133,9 @@ def run_job(cfg, hc, train_fn) -> float:
         return value
     except Interrupted as e:
         record.update(status="interrupted", error=f"stopped by {e.reason}")
+        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":  # its own SLURM job (time limit, preemption): the sweep
+            log.warning("job %s stopped by %s; resume it with sweep.resume=true", hc.job.num, e.reason)
+            return math.nan                                 # goes on and lists it as interrupted
         from cnnpipe.cli import EXIT_SIGNAL, say
         say(f"stopped by {e.reason}; this job's checkpoints/last.npz holds its position. Resume the whole sweep with "
             f"the same command plus: sweep.resume=true hydra.sweep.dir={sweep_dir}", prefix="interrupted: ")
@@ -160,6 +162,8 @@ class SweepCallback(Callback):
             check_sweep_dir(config)
         except ConfigError as e:
             fail(str(e))
+        os.environ.pop(THREADS_ENV, None)                   # left by an earlier sweep of this process
+        drop_ray_object_store_default(config)
         threads, parallel = job_threads(config)
         if threads is not None:
             os.environ[THREADS_ENV] = str(threads)
@@ -217,7 +221,24 @@ def check_sweep_dir(config):
 
 
 def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return given_cores()[0]
+
+
+def drop_ray_object_store_default(config):
+    """The Ray launcher passes ray.init an object_store_memory default unless the config has the key, and ray.init
+    refuses it when connecting to a running cluster (the cluster sized its store at `ray start`): with an address,
+    give the key the value None, which ray.init accepts. Runs before Hydra builds the launcher from this config."""
+    launcher = config.hydra.launcher
+    if "RayLauncher" not in str(launcher.get("_target_", "")) or not ray_address(launcher):
+        return
+    from omegaconf import open_dict
+    with open_dict(launcher.ray.init):
+        launcher.ray.init.setdefault("object_store_memory", None)
+
+
+def ray_address(launcher) -> str | None:
+    """The Ray cluster the launcher connects to (ray.init's address, else RAY_ADDRESS); None: a local Ray."""
+    return launcher.ray.init.get("address") or os.environ.get("RAY_ADDRESS") or None
 
 
 def job_threads(config) -> tuple[int | None, int]:
@@ -233,7 +254,7 @@ def job_threads(config) -> tuple[int | None, int]:
         slots = 1 if n is None else (int(n) if n > 0 else max(cores + 1 + int(n), 1))
     elif "submitit_launcher" in target and "LocalLauncher" in target:
         slots = int(launcher.get("array_parallelism") or 256)
-    elif "RayLauncher" in target and not launcher.ray.init.get("address"):
+    elif "RayLauncher" in target and not ray_address(launcher):
         per_task = launcher.ray.get("remote", {}).get("num_cpus")
         if per_task:
             return int(per_task), max(cores // int(per_task), 1)

@@ -13,6 +13,7 @@ import numpy as np
 
 from cnnpipe import ConfigError
 from cnnpipe.backends import get_backend, set_threads
+from cnnpipe.backends.cores import given_cores
 from cnnpipe.callbacks import Callback
 from cnnpipe.data import batches, load_data, num_batches, preload_torchvision
 from cnnpipe.evaluate import evaluate_split
@@ -41,13 +42,14 @@ class Trainer:
                               f"trainer.epochs={cfg.trainer.epochs}: the seed and epochs must be >= 0 and the batch "
                               f"size >= 1.")
         self.dtype = np.dtype(cfg.dtype)
-        self.threads = set_threads(cfg.backend.threads, cfg.backend.name)
+        threads, threads_source = given_cores(cfg.backend.threads)
+        self.threads = set_threads(threads, cfg.backend.name)
         self.backend = get_backend(cfg.backend.name)
         self.model = build_model(cfg, self.backend)          # shape checks happen here, before any data
         self.optimizer = build_optimizer(cfg.optim, self.model.named_params(), self.backend)   # value checks too
         check_writable(self.run_dir)
-        log.info("model %s (%s backend, %s, %d threads)\n%s", cfg.model.name, cfg.backend.name, cfg.dtype,
-                 self.threads, self.model.summary())
+        log.info("model %s (%s backend, %s, %d threads: %s)\n%s", cfg.model.name, cfg.backend.name, cfg.dtype,
+                 self.threads, threads_source, self.model.summary())
         if hasattr(self.backend, "warmup"):
             preload_torchvision()                            # torch's import overlaps the numba warm-up
             self.backend.warmup(self.dtype)

@@ -35,4 +35,7 @@ if __name__ == "__main__":
         sys.exit(130)
     if sweep.failed_jobs:                          # the summary lists them; the exit code says so too
         print(f"{len(sweep.failed_jobs)} job(s) of the sweep did not finish (see summary.md).", file=sys.stderr)
+        if any(j["status"] == "interrupted" for j in sweep.failed_jobs):
+            print("Interrupted jobs continue from their checkpoints/last.npz when you run the same command again "
+                  "with sweep.resume=true.", file=sys.stderr)
         sys.exit(1)

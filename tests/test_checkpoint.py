@@ -110,6 +110,27 @@ def test_signal_saves_position_and_resume_continues(tmp_path, fashion_root, sig)
     assert f"resumed from {run}" in (run / "train.log").read_text()
 
 
+def test_sigusr2_during_set_up_stops_after_the_first_step(tmp_path, fashion_root):
+    """SLURM's time-limit warning (SIGUSR2) can come up to a minute early, even while the run is still setting up
+    (here: the numba warm-up right after the model summary): the run keeps it, trains one step and saves it."""
+    run = tmp_path / "run"
+    args = [PY, str(REPO / "scripts/train.py"), *_overrides(fashion_root, "numba", **{"trainer.epochs": "5"}),
+            f"hydra.run.dir={run}"]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.time() + 180
+    while time.time() < deadline and p.poll() is None and "model convnet" not in _read(run / "train.log"):
+        time.sleep(0.02)
+    p.send_signal(signal.SIGUSR2)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 140, err
+    assert f"resume={run}" in " ".join(err.split()) and "Traceback" not in err
+    assert int(load_checkpoint(run)["trainer/step"]) == 1
+
+
+def _read(path):
+    return path.read_text() if path.exists() else ""
+
+
 def test_interrupted_write_keeps_the_old_checkpoint(tmp_path):
     """Fault injection: the writer dies (SIGKILL) between the temporary file and the rename."""
     path = tmp_path / "last.npz"

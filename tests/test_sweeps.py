@@ -108,7 +108,7 @@ def test_hparams_search_configs_and_command_line_optuna_compose():
     (["conv.k=3,5,7"], None),                                                            # basic launcher
     (["hydra/launcher=submitit_local", "conv.k=3,5"], "2"),                 # every job at once
     (["hydra/launcher=submitit_slurm", "hydra.launcher.partition=cpu", "hydra.launcher.cpus_per_task=8",
-      "conv.k=3,5"], None),                                           # the allocation's own cores (affinity)
+      "conv.k=3,5"], None),                                    # the allocation's own cores (SLURM_CPUS_PER_TASK)
     (["hydra/launcher=ray", "hydra.launcher.ray.init.address=auto", "conv.k=3,5"], None),  # a Ray cluster
     (["hydra/launcher=ray", "+hydra.launcher.ray.remote.num_cpus=1", "conv.k=3,5"], "ray1"),  # 1 CPU per task
 ])

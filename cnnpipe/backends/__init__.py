@@ -20,6 +20,7 @@ import importlib
 import os
 
 from cnnpipe import ConfigError
+from cnnpipe.backends.cores import given_cores
 
 BACKENDS = {"numpy": "cnnpipe.backends.numpy_backend", "numba": "cnnpipe.backends.numba",
             "reference": "cnnpipe.backends.reference"}
@@ -53,7 +54,7 @@ def import_numba():
 
 
 def set_threads(n: int | None, backend: str | None = None) -> int:
-    """Limit the compute threads to n (None: all cores). Returns n used.
+    """Limit the compute threads to n (None: the cores this process was given, see cores.given_cores). Returns n.
 
     numpy backend (or None): BLAS and numba (if loaded) get n threads.
     numba backend: numba gets n threads and BLAS one. Its kernels run every GEMM (conv and dense) inside
@@ -62,7 +63,7 @@ def set_threads(n: int | None, backend: str | None = None) -> int:
     LeNet step 2-3x slower)."""
     if backend == "numba":
         get_backend("numba")       # loads the BLAS that numba's kernels call, so that it is limited below
-    n = int(n) if n else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    n = given_cores(n)[0]
     try:
         from threadpoolctl import threadpool_limits
         threadpool_limits(limits=n)
