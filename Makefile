@@ -5,7 +5,7 @@ STAMP   := .venv/.installed
 # torch/torchvision pinned to the releases this machine carries on local disk.
 TORCH   := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup train test test-cluster bench clean
+.PHONY: setup train test test-cluster lint bench clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ train: setup
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)
+
+# ruff (settings in pyproject.toml): errors, warnings, import order, common bug patterns.
+lint: setup
+	.venv/bin/ruff check cnnpipe scripts tests
 
 # As root: the README's SLURM and Ray commands on a one-node SLURM cluster (tests/cluster/slurm.sh installs Debian's
 # slurm-wlm and munge if missing) and a Ray head, both on 127.0.0.1 only, stopped afterwards. `make test` skips them.

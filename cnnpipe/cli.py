@@ -4,7 +4,9 @@ from __future__ import annotations
 import sys
 import textwrap
 
-from cnnpipe import ConfigError
+from cnnpipe import ConfigError, rundir
+from cnnpipe.sweep.plugins import missing_plugin
+from cnnpipe.train import Interrupted
 
 EXIT_CONFIG = 2
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143, "SIGUSR2": 140}
@@ -22,7 +24,6 @@ def fail(message: str, code: int = EXIT_CONFIG):
 
 def run_guarded(fn):
     """Call fn(); a ConfigError exits 2 with its message, an interrupt exits 130/143 saying how to resume."""
-    from cnnpipe.train import Interrupted
     try:
         return fn()
     except ConfigError as e:
@@ -37,9 +38,11 @@ def check_command_line(argv: list[str]) -> list[str]:
     """What scripts/train.py checks before Hydra starts (Hydra writes into the run directory at once): the
     launcher/sweeper plugins are installed, the run directory is not another run's and can be created. Returns
     the arguments to add (resume in place: Hydra's run directory is the resumed run's)."""
-    from cnnpipe import rundir, sweep
+    if any(a in argv for a in ("-sc", "--shell-completion", "-h", "--help", "--hydra-help", "-c", "--cfg",
+                               "--info")):
+        return []                               # Hydra answers these without running anything
     try:
-        message = sweep.missing_plugin(argv)
+        message = missing_plugin(argv)
         if message:
             raise ConfigError(message)
         extra = rundir.resume_in_place_args(argv)

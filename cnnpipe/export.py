@@ -305,9 +305,10 @@ def format_report(r: dict) -> str:
             f"{r['relative_error']:.2e} <= {TOLERANCE:.0e}: match")
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str] | None = None) -> None:
     """cnnpipe-export ckpt=<file> format=torch|onnx [out=<file>] [data.*=...] [backend.*=...]"""
     from cnnpipe.cli import fail, run_guarded
+    argv = sys.argv[1:] if argv is None else argv
     ckpt, fmt, out, overrides = run_guarded(lambda: parse_args(argv))
     try:
         result = run_guarded(lambda: export_checkpoint(ckpt, fmt, out, overrides))

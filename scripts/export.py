@@ -10,4 +10,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cnnpipe.export import main
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -1,38 +1,10 @@
-"""Check the configured model's hand-written gradients against finite differences (float64).
-
-    python scripts/gradcheck.py model=convnet pool=mean conv.k=4
-Exits non-zero when any parameter's (or the input's) max relative error exceeds gradcheck_tol (default 1e-5).
-"""
+"""Check the hand-written gradients against finite differences  (cnnpipe/commands/gradcheck.py)"""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import hydra
-from omegaconf import DictConfig, open_dict
-
-from cnnpipe.cli import fail, run_guarded
-from cnnpipe.config import register_configs
-
-register_configs()
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig):
-    from cnnpipe.gradcheck import format_table, gradcheck
-    with open_dict(cfg):
-        tol = float(cfg.pop("gradcheck_tol", 1e-5))
-        batch = int(cfg.pop("gradcheck_batch", 2))
-    cfg.dtype = "float64"
-    rows = run_guarded(lambda: gradcheck(cfg, batch=batch))
-    print(f"gradcheck: model {cfg.model.name}, {cfg.pool.mode} pool, k={cfg.conv.k}, backend {cfg.backend.name}, "
-          f"float64, batch {batch}, central differences")
-    print(format_table(rows, tol))
-    bad = [r[0] for r in rows if r[2] > tol]
-    if bad:
-        fail(f"gradient check failed for {', '.join(bad)} (tolerance {tol:g}).", code=1)
-    print(f"all {len(rows)} gradients within {tol:g}")
-
+from cnnpipe.commands.gradcheck import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -7,9 +7,9 @@ import os
 import subprocess
 
 import pytest
+from conftest import PY, REPO, run_script, tiny_overrides
 
 from cnnpipe.backends.cores import THREADS_ENV
-from conftest import PY, REPO, run_script, tiny_overrides
 
 GRANTS = ("SLURM_JOB_ID", "SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS", THREADS_ENV)
 

@@ -117,7 +117,7 @@ def test_per_job_thread_limit_follows_the_launcher(overrides, expect):
     from omegaconf import open_dict
 
     from cnnpipe.config import compose_config
-    from cnnpipe.sweep import cpu_count, job_threads
+    from cnnpipe.sweep.plan import cpu_count, job_threads
     launcher = [o for o in overrides if o.lstrip("+").startswith("hydra")]
     cfg = compose_config(launcher, return_hydra_config=True)
     with open_dict(cfg):                                    # what the sweep process sees: the raw sweep overrides

@@ -6,7 +6,7 @@ import math
 import os
 import sys
 
-THREADS_ENV = "CNNPIPE_JOB_THREADS"     # a sweep's per-job share of this machine (set by cnnpipe.sweep.SweepCallback)
+THREADS_ENV = "CNNPIPE_JOB_THREADS"     # a sweep's per-job share of this machine (set by cnnpipe.sweep.callback)
 
 
 def given_cores(threads: int | None = None) -> tuple[int, str]:

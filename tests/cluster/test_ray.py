@@ -18,7 +18,6 @@ import shutil
 import tempfile
 
 import pytest
-
 from conftest import tiny_overrides
 from engines import listening, not_loopback, shell, stop_processes, with_overrides
 from readme import readme_commands

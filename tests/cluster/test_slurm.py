@@ -12,7 +12,6 @@ import statistics
 import subprocess
 
 import pytest
-
 from conftest import make_fashion_root, tiny_overrides
 from engines import REPO, listening, not_loopback, shell, with_overrides
 from readme import readme_commands
@@ -25,7 +24,8 @@ def slurm(tmp_path_factory):
     """A running one-node cluster for this module, stopped afterwards (also when a test failed): the environment
     its commands need, and the marker (SLURM_CONF=...) that its daemons' and jobs' environments carry."""
     if os.geteuid() != 0:
-        pytest.fail("the SLURM tests start munged, slurmctld and slurmd, which needs root: run make test-cluster as root")
+        pytest.fail("the SLURM tests start munged, slurmctld and slurmd, which needs root: run make test-cluster as "
+                    "root")
     state = tmp_path_factory.mktemp("slurm")
     marker = f"SLURM_CONF={state / 'slurm.conf'}"
     try:
