@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import signal
 import threading
 import types
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from cnnpipe import ConfigError
 from cnnpipe.checkpoint import Checkpointer, checkpoint_arrays, load_checkpoint, run_dir_of, save_atomic
+from cnnpipe.early_stop import EarlyStopping
 from cnnpipe.metrics import optimized_metric
 from cnnpipe.resume import init_from_checkpoint, restore, resume_config
 from cnnpipe.rundir import check_writable
@@ -40,6 +42,8 @@ def make_trainer(cfg, run_dir, overrides: list[str] | None = None) -> Trainer:
     if cfg.init_from:
         trainer.init_from = init_from_checkpoint(trainer, load_checkpoint(cfg.init_from), strict=cfg.init_from_strict,
                                                  optimizer=cfg.init_from_optimizer)
+    if cfg.trainer.early_stopping.patience is not None:          # before the checkpointer: it saves the count
+        trainer.callbacks.append(EarlyStopping(cfg.trainer.early_stopping))
     if cfg.checkpoint.enabled:
         trainer.callbacks.append(Checkpointer(trainer))
     if cfg.logger.tensorboard:
@@ -58,6 +62,8 @@ def _continue_from(trainer: Trainer, ckpt) -> None:
         log.info("resumed from %s %s", ckpt["_path"], where)
         return
     save_atomic(trainer.run_dir / "checkpoints" / "last.npz", checkpoint_arrays(trainer))
+    if (source / "checkpoints" / "best.npz").exists():                 # the best so far, for test_checkpoint=best
+        shutil.copyfile(source / "checkpoints" / "best.npz", trainer.run_dir / "checkpoints" / "best.npz")
     log.info("resumed from %s %s into the new run directory %s; %s is left as it is", ckpt["_path"], where,
              trainer.run_dir, source)
 

@@ -43,7 +43,9 @@ def checkpoint_arrays(tr) -> dict[str, np.ndarray]:
               "trainer/epoch": np.array(tr.epoch), "trainer/step": np.array(tr.step),
               "trainer/batch_in_epoch": np.array(tr.batch_in_epoch),
               "trainer/epoch_sums": tr.totals.as_array(),
-              "trainer/best": np.array(np.nan if tr.best is None else tr.best, dtype=np.float64)}
+              "trainer/best": np.array(np.nan if tr.best is None else tr.best, dtype=np.float64),
+              "trainer/clipped_steps": np.array(tr.clipped_steps),
+              "trainer/early_stopping": tr.early_stopping.as_array()}
     arrays.update({f"param/{k}": v for k, v in tr.model.named_params().items()})
     arrays.update({f"optim/{k}": v for k, v in tr.optimizer.state_dict().items()})
     arrays.update({f"history/{k}": np.array(v, dtype=np.float64) for k, v in tr.history.items()})

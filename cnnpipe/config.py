@@ -85,6 +85,18 @@ class OptimConf:
     step_size: int = 5                  # epochs between ×gamma (schedule=step)
     gamma: float = 0.1
     min_lr: float = 0.0                 # cosine floor
+    warmup_steps: int = 0               # linear warmup from lr/warmup to lr, before the schedule
+    warmup_epochs: float = 0.0          # ... the same, counted in epochs (one of the two)
+    clip_norm: Optional[float] = None   # rescale the gradients when their global L2 norm exceeds this
+    clip_value: Optional[float] = None  # clip every gradient entry to [-clip_value, clip_value]
+
+
+@dataclass
+class EarlyStoppingConf:
+    patience: Optional[int] = None      # epochs without improvement before stopping (null: never stop early)
+    monitor: str = "val_loss"           # a per-epoch metric: val_loss, val_acc, train_loss, train_acc
+    mode: str = "auto"                  # min | max | auto (min for *_loss, max otherwise)
+    min_delta: float = 0.0              # an improvement smaller than this does not count
 
 
 @dataclass
@@ -96,6 +108,8 @@ class TrainerConf:
     log_every: int = 50                 # steps between train.log lines / tqdm postfix updates
     max_steps: Optional[int] = None     # stop after this many steps in total (debug)
     progress: bool = True               # tqdm bars
+    early_stopping: EarlyStoppingConf = field(default_factory=EarlyStoppingConf)
+    test_checkpoint: str = "auto"       # weights the final test uses: best | last | auto (best with a val split)
 
 
 @dataclass

@@ -25,11 +25,13 @@ def lower_is_better(name: str) -> bool:
     return name.endswith("loss")
 
 
-def improved(name: str, new: float, old: float | None, min_delta: float = 0.0) -> bool:
-    """Is `new` better than `old` for metric `name` by more than min_delta (always, when there is no old)?"""
+def improved(name: str, new: float, old: float | None, min_delta: float = 0.0, mode: str = "auto") -> bool:
+    """Is `new` better than `old` for metric `name` by more than min_delta (always, when there is no old)?
+    mode: min | max | auto (from the name)."""
     if old is None:
         return True
-    return new < old - min_delta if lower_is_better(name) else new > old + min_delta
+    smaller = lower_is_better(name) if mode == "auto" else mode == "min"
+    return new < old - min_delta if smaller else new > old + min_delta
 
 
 def confusion_matrix(y: np.ndarray, preds: np.ndarray, n: int) -> np.ndarray:

@@ -97,6 +97,14 @@ def check_optim_values(cfg):
         bad("min_lr", cfg.min_lr, f"schedule=cosine decays to min_lr, which must be in [0, lr={cfg.lr}]")
     if cfg.schedule not in ("constant", "step", "cosine"):
         bad("schedule", cfg.schedule, "choose constant, step or cosine")
+    if cfg.warmup_steps < 0 or not finite(cfg.warmup_epochs) or cfg.warmup_epochs < 0:
+        bad("warmup_steps", cfg.warmup_steps, "warmup_steps and warmup_epochs must be >= 0")
+    if cfg.warmup_steps and cfg.warmup_epochs:
+        bad("warmup_epochs", cfg.warmup_epochs, "give warmup_steps or warmup_epochs, not both")
+    for key in ("clip_norm", "clip_value"):
+        value = cfg[key]
+        if value is not None and (not finite(value) or value <= 0):
+            bad(key, value, "a gradient clipping threshold must be a finite number > 0 (null: no clipping)")
 
 
 def build_optimizer(cfg, params, backend=None):
@@ -111,8 +119,18 @@ def build_optimizer(cfg, params, backend=None):
     raise ConfigError(f"Unknown optimizer '{name}' (optim=...): choose optim=sgd or optim=adam.")
 
 
+def warmup_steps(cfg, steps_per_epoch: int) -> int:
+    """The linear warmup's length in steps (optim.warmup_steps, or optim.warmup_epochs × steps per epoch)."""
+    return int(cfg.warmup_steps) or round(float(cfg.warmup_epochs) * steps_per_epoch)
+
+
 def lr_at(cfg, step: int, steps_per_epoch: int, total_steps: int) -> float:
-    """The learning rate for `step` (0-based): constant, step (×gamma every step_size epochs) or cosine to min_lr."""
+    """The learning rate for `step` (0-based): a linear warmup over its first W steps (lr·(step+1)/W), then the
+    schedule over the remaining steps: constant, step (×gamma every step_size epochs) or cosine to min_lr."""
+    warm = warmup_steps(cfg, steps_per_epoch)
+    if step < warm:
+        return float(cfg.lr) * (step + 1) / warm
+    step, total_steps = step - warm, total_steps - warm
     base, sched = float(cfg.lr), cfg.schedule
     if sched == "constant":
         return base

@@ -12,6 +12,7 @@ from cnnpipe import ConfigError
 from cnnpipe.backends import get_backend, set_threads
 from cnnpipe.checkpoint import ARCH_KEYS, CheckpointError, checkpoint_config, section
 from cnnpipe.model import build_model
+from cnnpipe.early_stop import EarlyStoppingState
 from cnnpipe.step import EpochTotals
 
 log = logging.getLogger("cnnpipe")
@@ -135,6 +136,9 @@ def restore(tr, ckpt):
     tr.totals = EpochTotals.from_array(ckpt["trainer/epoch_sums"])
     best = float(ckpt["trainer/best"])
     tr.best = None if np.isnan(best) else best
+    tr.clipped_steps = int(ckpt.get("trainer/clipped_steps", 0))
+    if "trainer/early_stopping" in ckpt:
+        tr.early_stopping = EarlyStoppingState.from_array(ckpt["trainer/early_stopping"])
     for k in tr.history:
         tr.history[k] = [float(v) for v in ckpt.get(f"history/{k}", [])]
     tr.model.rng.bit_generator.state = json.loads(str(ckpt["rng/dropout"]))

@@ -17,6 +17,7 @@ class StepResult:
     loss: float         # mean softmax cross-entropy of the batch
     correct: int        # samples whose largest logit is the label
     n: int              # samples in the batch
+    clipped: bool = False   # gradient clipping changed the gradients of this step
 
 
 class NonFiniteLoss(ConfigError):
@@ -27,10 +28,39 @@ class NonFiniteLoss(ConfigError):
         self.loss, self.layer = loss, layer
 
 
+@dataclass(frozen=True)
+class Clip:
+    """Gradient clipping: every entry to [-value, value], then the whole set rescaled to global L2 norm `norm`
+    when it is larger (either may be None)."""
+    norm: float | None = None
+    value: float | None = None
+
+    def __call__(self, grads: dict[str, np.ndarray]) -> bool:
+        """Clip in place; True when a gradient changed."""
+        changed = False
+        if self.value is not None:
+            for g in grads.values():
+                changed = changed or bool(np.any(np.abs(g) > self.value))
+                np.clip(g, -self.value, self.value, out=g)
+        if self.norm is not None:
+            total = global_norm(grads)
+            if total > self.norm:
+                for g in grads.values():
+                    g *= g.dtype.type(self.norm / total)
+                changed = True
+        return changed
+
+
+def global_norm(grads: dict[str, np.ndarray]) -> float:
+    """‖g‖ over every gradient array together (the norm gradient clipping looks at)."""
+    return math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in grads.values()))
+
+
 def train_step(model, optimizer, x: np.ndarray, y: np.ndarray, lr: float,
-               after_backward: Callable[[], None] | None = None) -> StepResult:
+               after_backward: Callable[[], None] | None = None, clip: Clip | None = None) -> StepResult:
     """One optimizer step on the batch x N,C,H,W, y N. `after_backward` runs between backward and the update
-    (gradients fresh, parameters not yet changed): logging hooks read the gradients there."""
+    (gradients fresh as backprop made them, parameters not yet changed): logging hooks read the gradients there.
+    Clipping comes after it, just before the update."""
     logits = model.forward(x, train=True)                   # N,classes
     loss, delta = softmax_cross_entropy(logits, y)          # δ at the logits
     model.backward(delta)                                   # rules 1-7, layer by layer
@@ -38,8 +68,10 @@ def train_step(model, optimizer, x: np.ndarray, y: np.ndarray, lr: float,
         raise NonFiniteLoss(loss, first_nonfinite_grad(model))
     if after_backward is not None:
         after_backward()
-    optimizer.step(model.named_grads(), lr)
-    return StepResult(loss, int((logits.argmax(1) == y).sum()), len(y))
+    grads = model.named_grads()
+    clipped = clip(grads) if clip is not None else False
+    optimizer.step(grads, lr)
+    return StepResult(loss, int((logits.argmax(1) == y).sum()), len(y), clipped)
 
 
 def first_nonfinite_grad(model) -> str | None:

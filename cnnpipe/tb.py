@@ -5,7 +5,8 @@
 What lands in the run's event file (global step = optimizer steps completed, continued on resume):
   scalars   train/{loss,accuracy,lr,samples_per_second}      every logger.scalar_every steps (window means), and at
                                                                the run's first step and each epoch's last step
-            grad_norm/<layer>.{W,b}  weight_norm/<layer>.{W,b}  update_ratio/<layer>  delta_norm/<layer>
+            grad_norm/<layer>.{W,b}, grad_norm/total (before clipping)  weight_norm/<layer>.{W,b}
+            update_ratio/<layer>  delta_norm/<layer>  train/clip_fraction (with gradient clipping)
             val/{loss,accuracy} each epoch; test/{loss,accuracy} at the end; probe/loss with the images
   images    input/probe, delta/<conv>, activation/<conv>, filters/<conv>   every logger.image_every steps
             and at the last step, for the first logger.probe_images test images (the same ones all run long);
@@ -99,6 +100,7 @@ class TensorBoardLogger(Callback):
         self.snapshot = None                      # parameters before the optimizer step (update ratio)
         self.pending = {}                         # scalars computed in on_after_backward, written in on_step_end
         self.window = EpochTotals()               # the steps since the last train/ scalars
+        self.window_steps = self.window_clipped = 0   # ... and how many of them gradient clipping changed
         self.last_image_step = None
         self.first_step = 1                       # the first step this process trains (set at train start)
         self.seconds = 0.0                        # wall time spent in this logger's hooks (its cost)
@@ -156,6 +158,7 @@ class TensorBoardLogger(Callback):
                     p[f"grad_norm/{layer.name}.{k}"] = _norm(g)
                 if layer.has_delta_map and layer.delta is not None:
                     p[f"delta_norm/{layer.name}"] = _norm(layer.delta)
+            p["grad_norm/total"] = math.sqrt(sum(v * v for k, v in p.items() if k.startswith("grad_norm/")))
             self.snapshot = {layer.name: {k: v.copy() for k, v in layer.params.items()}
                              for layer in tr.model.layers if layer.params}
         if self.cfg.histogram_every and step % self.cfg.histogram_every == 0:
@@ -169,6 +172,7 @@ class TensorBoardLogger(Callback):
     @_timed
     def on_step_end(self, tr, step, result, lr, seconds):
         self.window.add(result, seconds)
+        self.window_steps, self.window_clipped = self.window_steps + 1, self.window_clipped + result.clipped
         if self.scalar_step(tr, step):
             self._train_scalars(tr, lr, step)
         if self.cfg.image_every and step % self.cfg.image_every == 0:
@@ -180,6 +184,8 @@ class TensorBoardLogger(Callback):
             w.add_scalar("train/loss", t.loss_sum / t.seen, step)
             w.add_scalar("train/accuracy", t.correct / t.seen, step)
         w.add_scalar("train/lr", lr, step)
+        if tr.clip is not None and self.window_steps:
+            w.add_scalar("train/clip_fraction", self.window_clipped / self.window_steps, step)
         if t.seconds > 0:
             w.add_scalar("train/samples_per_second", t.seen / t.seconds, step)
         if self.snapshot is not None:
@@ -196,6 +202,7 @@ class TensorBoardLogger(Callback):
         for tag, v in self.pending.items():
             w.add_scalar(tag, v, step)
         self.pending, self.snapshot, self.window = {}, None, EpochTotals()
+        self.window_steps = self.window_clipped = 0
 
     @_timed
     def on_epoch_end(self, tr, metrics):

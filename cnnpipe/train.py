@@ -15,13 +15,15 @@ from cnnpipe import ConfigError
 from cnnpipe.backends import get_backend, set_threads
 from cnnpipe.backends.cores import given_cores
 from cnnpipe.callbacks import Callback
+from cnnpipe.checkpoint import load_checkpoint, section
 from cnnpipe.data import batches, load_data, num_batches, preload_torchvision
 from cnnpipe.evaluate import evaluate_split
 from cnnpipe.jsonio import write_json_atomic
 from cnnpipe.model import build_model
 from cnnpipe.optim import build_optimizer, lr_at
 from cnnpipe.rundir import check_writable
-from cnnpipe.step import EpochTotals, NonFiniteLoss, StepResult, train_step
+from cnnpipe.early_stop import EarlyStoppingState, check_early_stopping
+from cnnpipe.step import Clip, EpochTotals, NonFiniteLoss, StepResult, train_step
 
 log = logging.getLogger("cnnpipe")
 
@@ -55,7 +57,15 @@ class Trainer:
             self.backend.warmup(self.dtype)
             log.info("numba threading layer %s, %d threads", self.backend.numba.threading_layer(),
                      self.backend.numba.get_num_threads())
+        if cfg.trainer.test_checkpoint not in ("best", "last", "auto"):
+            raise ConfigError(f"trainer.test_checkpoint={cfg.trainer.test_checkpoint!r}: choose best, last or auto "
+                              f"(best when there is a validation split).")
+        if cfg.trainer.test_checkpoint == "best" and not cfg.checkpoint.enabled:
+            raise ConfigError("trainer.test_checkpoint=best needs checkpoints/best.npz, but checkpoint.enabled=false.")
+        self.clip = Clip(cfg.optim.clip_norm, cfg.optim.clip_value) if \
+            cfg.optim.clip_norm is not None or cfg.optim.clip_value is not None else None
         self.data = load_data(cfg.data, cfg.trainer.seed)
+        check_early_stopping(cfg.trainer.early_stopping, self.data.val is not None)
         log.info("data %s from %s: train %d, val %d, test %d", self.data.name, self.data.source,
                  len(self.data.train.y), 0 if self.data.val is None else len(self.data.val.y), len(self.data.test.y))
         self.steps_per_epoch = num_batches(len(self.data.train.y), cfg.trainer.batch_size)
@@ -64,6 +74,9 @@ class Trainer:
         self.epoch, self.step, self.batch_in_epoch, self.best = 0, 0, 0, None
         self.history = {"train_loss": [], "train_acc": [], "val_loss": [], "val_acc": [], "epoch_seconds": []}
         self.totals = EpochTotals()
+        self.clipped_steps = 0                               # steps whose gradients clipping changed
+        self.early_stopping = EarlyStoppingState()
+        self.stopped_early = None                            # the reason, once early stopping ended the run
         self.val_preds = None                                # last validation predictions (confusion matrix)
         self.stop_requested = None                           # a reason (e.g. "SIGTERM"): stop after this step
         self.resumed_from = None                             # the checkpoint this run continues (resume=)
@@ -75,7 +88,7 @@ class Trainer:
         tc = self.cfg.trainer
         for cb in self.callbacks:
             cb.on_train_start(self)
-        while self.epoch < tc.epochs and not self._max_steps_reached():
+        while self.epoch < tc.epochs and not self._max_steps_reached() and not self.stopped_early:
             it = batches(self.data.train, tc.batch_size, mean=self.data.mean, std=self.data.std, dtype=self.dtype,
                          shuffle_seed=[tc.seed, self.epoch], augment=self.data.augment,
                          crop_padding=self.data.crop_padding, start=self.batch_in_epoch)
@@ -85,6 +98,7 @@ class Trainer:
             for x, y in it:                                                  # x N,C,H,W   y N
                 lr = lr_at(self.cfg.optim, self.step, self.steps_per_epoch, self.total_steps)
                 result = self._step(x, y, lr)
+                self.clipped_steps += result.clipped
                 self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
                 now = time.perf_counter()
                 self.totals.add(result, now - mark)
@@ -108,7 +122,7 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_after_backward(self, self.step + 1, lr)
         try:
-            return train_step(self.model, self.optimizer, x, y, lr, after_backward)
+            return train_step(self.model, self.optimizer, x, y, lr, after_backward, self.clip)
         except NonFiniteLoss as e:
             where = (f"the first layer whose gradient went non-finite is {e.layer.split('.')[0]} ({e.layer})"
                      if e.layer else "all gradients were still finite (the logits overflowed)")
@@ -147,7 +161,8 @@ class Trainer:
     def _finish(self) -> dict:
         if self.batch_in_epoch:                              # stopped by max_steps inside an epoch
             self._end_epoch()
-        test_loss, test_acc, _ = self.evaluate(self.data.test)
+        tested_on = self.test_weights()
+        test_loss, test_acc = self._test(tested_on)
         h, secs = self.history, sum(self.history["epoch_seconds"])
         metrics = {
             "test_acc": test_acc, "test_loss": test_loss,
@@ -160,12 +175,34 @@ class Trainer:
             "backend": self.cfg.backend.name, "threads": self.threads, "seed": self.cfg.trainer.seed,
             "dtype": self.cfg.dtype, "model": self.cfg.model.name, "dataset": self.data.name,
             "history": h, "best": self.best, "resumed_from": self.resumed_from, "init_from": self.init_from,
+            "test_checkpoint": tested_on, "stopped_early": self.stopped_early, "clipped_steps": self.clipped_steps,
         }
-        log.info("test: loss %.4f, accuracy %.4f", test_loss, test_acc)
+        log.info("test (%s weights): loss %.4f, accuracy %.4f", tested_on, test_loss, test_acc)
         write_json_atomic(self.run_dir / "metrics.json", metrics)
         for cb in self.callbacks:
             cb.on_train_end(self, metrics)
         return metrics
+
+    def test_weights(self) -> str:
+        """best or last: trainer.test_checkpoint, where auto means best when a validation split chose it."""
+        choice = self.cfg.trainer.test_checkpoint
+        if choice == "auto":
+            choice = "best" if self.data.val is not None and self.cfg.checkpoint.enabled else "last"
+        if choice == "best" and not (self.run_dir / "checkpoints" / "best.npz").exists():
+            log.warning("no checkpoints/best.npz in %s: the test uses the last weights", self.run_dir)
+            return "last"
+        return choice
+
+    def _test(self, weights: str) -> tuple[float, float]:
+        """Test loss and accuracy with the best or the last weights (the model keeps the last ones afterwards)."""
+        if weights == "last":
+            return self.evaluate(self.data.test)[:2]
+        last = {k: v.copy() for k, v in self.model.named_params().items()}
+        self.model.load_params(section(load_checkpoint(self.run_dir / "checkpoints" / "best.npz"), "param/"))
+        try:
+            return self.evaluate(self.data.test)[:2]
+        finally:
+            self.model.load_params(last)
 
     def _samples_seen(self):
         n, bs = len(self.data.train.y), self.cfg.trainer.batch_size

@@ -1,0 +1,142 @@
+"""Early stopping, the weights the final test uses, gradient clipping and learning-rate warmup: through the command
+line a user types, read back from metrics.json, train.log, checkpoints and TensorBoard."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from cnnpipe.checkpoint import load_checkpoint
+from cnnpipe.optim import lr_at
+from cnnpipe.step import Clip, global_norm
+from conftest import run_script, tiny_overrides
+
+SMALL = {"data.val_size": "64", "data.limit_train": "128", "data.limit_test": "64", "trainer.batch_size": "64"}
+
+
+def train(*args):
+    r = run_script("train.py", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def metrics(run_dir):
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def scalars(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    ea.Reload()
+    return [(e.step, e.value) for e in ea.Scalars(tag)]
+
+
+# a learning rate so small that val_loss moves by far less than min_delta: every epoch after the first is "no
+# improvement", so the stop comes exactly `patience` epochs after epoch 1
+PLATEAU = ["optim.lr=1e-9", "optim.momentum=0", "trainer.early_stopping.patience=2",
+           "trainer.early_stopping.min_delta=0.01"]
+
+
+def test_early_stopping_stops_after_patience_epochs_and_says_why(fashion_root, tmp_path):
+    run = tmp_path / "run"
+    train(*tiny_overrides(fashion_root, **SMALL), "trainer.epochs=10", *PLATEAU, f"hydra.run.dir={run}")
+    m = metrics(run)
+    assert m["epochs"] == 3 and m["steps"] == 3 * 2
+    assert m["stopped_early"].startswith("val_loss has not improved by more than 0.01 for 2 epochs")
+    assert "early stopping after epoch 3: val_loss has not improved" in (run / "train.log").read_text()
+
+
+def test_a_resumed_run_keeps_the_patience_count(fashion_root, tmp_path):
+    """Epochs 1-2 (best at 1, one epoch without improvement), then resumed to 10: the stop comes at epoch 3, as in
+    the run that never stopped; a fresh count would have taken epoch 3 as the new best and stopped at 5."""
+    run = tmp_path / "run"
+    common = [*tiny_overrides(fashion_root, **SMALL), *PLATEAU]
+    train(*common, "trainer.epochs=2", f"hydra.run.dir={run}")
+    assert metrics(run)["stopped_early"] is None
+    train(*common, f"resume={run}", "trainer.epochs=10")
+    assert metrics(run)["epochs"] == 3 and metrics(run)["stopped_early"]
+
+
+def test_the_final_test_uses_best_or_last_weights_as_configured(fashion_root, tmp_path):
+    """With a validation split the test runs on best.npz (by checkpoint.monitor); test_checkpoint=last: last.npz.
+    A high lr makes the epochs differ, so best and last are different weights."""
+    common = [*tiny_overrides(fashion_root, **SMALL), "trainer.epochs=4", "optim.lr=0.2"]
+    for which in ("best", "last"):
+        run = tmp_path / which
+        train(*common, f"trainer.test_checkpoint={'auto' if which == 'best' else 'last'}", f"hydra.run.dir={run}")
+        m = metrics(run)
+        assert m["test_checkpoint"] == which
+        r = run_script("evaluate.py", f"ckpt={run}/checkpoints/{which}.npz")
+        assert r.returncode == 0, r.stderr
+        assert f"test loss {m['test_loss']:.4f}" in r.stdout
+    best, last = (load_checkpoint(tmp_path / "best" / "checkpoints" / f"{w}.npz") for w in ("best", "last"))
+    assert int(best["trainer/epoch"]) != int(last["trainer/epoch"])       # the check above compares different weights
+    assert metrics(tmp_path / "best")["test_loss"] != metrics(tmp_path / "last")["test_loss"]
+
+
+def test_without_validation_the_test_uses_the_last_weights(fashion_root, tmp_path):
+    run = tmp_path / "run"
+    train(*tiny_overrides(fashion_root, **{**SMALL, "data.val_size": "0"}), f"hydra.run.dir={run}")
+    assert metrics(run)["test_checkpoint"] == "last"
+
+
+def test_clip_norm_bounds_every_update_and_is_counted(fashion_root, tmp_path):
+    """Plain SGD with clip_norm c: each step moves the parameters by exactly lr·c (every raw gradient is larger),
+    grad_norm/total (before clipping) exceeds c, and every step counts as clipped."""
+    run = tmp_path / "run"
+    train(*tiny_overrides(fashion_root, **SMALL, **{"logger.tensorboard": "true", "logger.scalar_every": "1"}),
+          "optim.momentum=0", "optim.lr=0.1", "optim.clip_norm=0.001", "trainer.max_steps=1",
+          "checkpoint.every_steps=1", f"hydra.run.dir={run}")
+    m = metrics(run)
+    assert m["clipped_steps"] == m["steps"] == 1
+    assert scalars(run, "train/clip_fraction") == [(1, 1.0)]
+    assert scalars(run, "grad_norm/total")[0][1] > 0.001
+    from cnnpipe.config import compose_config
+    from cnnpipe.model import build_model
+    start = build_model(compose_config(tiny_overrides(fashion_root))).named_params()       # the same initial weights
+    end = {k[6:]: v for k, v in load_checkpoint(run).items() if k.startswith("param/")}
+    moved = math.sqrt(sum(float(np.sum((end[k] - start[k]).astype(np.float64) ** 2)) for k in start))
+    assert moved == pytest.approx(0.1 * 0.001, rel=1e-3)
+
+
+def test_clip_rescales_to_the_norm_and_clips_values():
+    rng = np.random.default_rng(0)
+    grads = {"a": rng.standard_normal((4, 5)), "b": rng.standard_normal(3) * 10}
+    raw = {k: v.copy() for k, v in grads.items()}
+    assert Clip(norm=1.0)(grads) and global_norm(grads) == pytest.approx(1.0)
+    np.testing.assert_allclose(grads["a"] / raw["a"], grads["b"][0] / raw["b"][0])   # one common scale
+    grads = {k: v.copy() for k, v in raw.items()}
+    assert Clip(value=0.5)(grads) and max(np.abs(g).max() for g in grads.values()) == 0.5
+    assert not Clip(norm=1e9, value=1e9)({k: v.copy() for k, v in raw.items()})
+
+
+def test_warmup_rises_linearly_then_the_schedule_runs(fashion_root, tmp_path):
+    cfg = OmegaConf.create({"lr": 0.1, "schedule": "cosine", "min_lr": 0.0, "warmup_steps": 4, "warmup_epochs": 0.0,
+                            "step_size": 1, "gamma": 0.1})
+    lrs = [lr_at(cfg, s, 10, 24) for s in range(24)]
+    assert lrs[:4] == pytest.approx([0.025, 0.05, 0.075, 0.1])
+    assert lrs[4] == pytest.approx(0.1) and lrs[-1] < 0.01 and all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    run = tmp_path / "run"
+    train(*tiny_overrides(fashion_root, **SMALL, **{"logger.tensorboard": "true", "logger.scalar_every": "1"}),
+          "optim.lr=0.1", "optim.warmup_epochs=1.5", "trainer.epochs=2", f"hydra.run.dir={run}")
+    logged = [v for _, v in scalars(run, "train/lr")]
+    assert logged[:3] == pytest.approx([0.1 / 3, 0.2 / 3, 0.1])          # 1.5 epochs of 2 steps: 3 warmup steps
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("trainer.early_stopping.patience=0", "patience=0"),
+    ("trainer.early_stopping.patience=2 trainer.early_stopping.monitor=test_acc", "not a per-epoch metric"),
+    ("trainer.early_stopping.patience=2 data.val_size=0", "needs a validation split"),
+    ("trainer.early_stopping.patience=2 trainer.early_stopping.mode=up", "choose min, max or auto"),
+    ("trainer.test_checkpoint=middle", "choose best, last or auto"),
+    ("trainer.test_checkpoint=best checkpoint.enabled=false", "needs checkpoints/best.npz"),
+    ("optim.clip_norm=-1", "clipping threshold"), ("optim.clip_value=0", "clipping threshold"),
+    ("optim.warmup_steps=3 optim.warmup_epochs=1", "not both"), ("optim.warmup_steps=-1", ">= 0"),
+])
+def test_option_values_that_cannot_work_are_refused(fashion_root, tmp_path, override, needle):
+    r = run_script("train.py", *tiny_overrides(fashion_root), *override.split(), f"hydra.run.dir={tmp_path / 'r'}")
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 2 and needle in err and "Traceback" not in err
