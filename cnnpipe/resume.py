@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 from cnnpipe import ConfigError
 from cnnpipe.backends import get_backend, set_threads
 from cnnpipe.checkpoint import ARCH_KEYS, CheckpointError, checkpoint_config, section
-from cnnpipe.model import build_model
 from cnnpipe.early_stop import EarlyStoppingState
+from cnnpipe.model import build_model
 from cnnpipe.step import EpochTotals
 
 log = logging.getLogger("cnnpipe")

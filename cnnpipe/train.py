@@ -17,12 +17,12 @@ from cnnpipe.backends.cores import given_cores
 from cnnpipe.callbacks import Callback
 from cnnpipe.checkpoint import load_checkpoint, section
 from cnnpipe.data import batches, load_data, num_batches, preload_torchvision
+from cnnpipe.early_stop import EarlyStoppingState, check_early_stopping
 from cnnpipe.evaluate import evaluate_split
 from cnnpipe.jsonio import write_json_atomic
 from cnnpipe.model import build_model
 from cnnpipe.optim import build_optimizer, lr_at
 from cnnpipe.rundir import check_writable
-from cnnpipe.early_stop import EarlyStoppingState, check_early_stopping
 from cnnpipe.step import Clip, EpochTotals, NonFiniteLoss, StepResult, train_step
 
 log = logging.getLogger("cnnpipe")

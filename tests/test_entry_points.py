@@ -10,7 +10,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_script, tiny_overrides
 
 BIN = Path(sys.executable).parent

@@ -7,12 +7,12 @@ import math
 
 import numpy as np
 import pytest
+from conftest import run_script, tiny_overrides
 from omegaconf import OmegaConf
 
 from cnnpipe.checkpoint import load_checkpoint
 from cnnpipe.optim import lr_at
 from cnnpipe.step import Clip, global_norm
-from conftest import run_script, tiny_overrides
 
 SMALL = {"data.val_size": "64", "data.limit_train": "128", "data.limit_test": "64", "trainer.batch_size": "64"}
 
