@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 from cnnpipe import ConfigError
+from cnnpipe.backends import Backend
 from cnnpipe.shapes import out_size
 
 
@@ -25,21 +26,21 @@ class Layer:
         self.in_shape = self.out_shape = None
         self.delta = None               # last δ received in backward (reference, no copy)
 
-    def build(self, in_shape, backend, rng, dtype):
+    def build(self, in_shape: tuple[int, ...], backend: Backend, rng: np.random.Generator, dtype) -> tuple[int, ...]:
         self.in_shape = self.out_shape = tuple(in_shape)
         return self.out_shape
 
-    def forward(self, x, train):
+    def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
         raise NotImplementedError
 
-    def backward(self, delta):
+    def backward(self, delta: np.ndarray) -> np.ndarray | None:
         raise NotImplementedError
 
-    def flops(self):
+    def flops(self) -> int:
         """Multiply-adds ×2 per sample for the forward pass (summary table)."""
         return 0
 
-    def describe(self):
+    def describe(self) -> str:
         return self.kind
 
 
@@ -75,7 +76,7 @@ class Conv2d(Layer):
             return (int(p),) * 4
         raise ConfigError(f"{self.name}: padding={p!r} is not valid; use 'same', 'valid' or an int >= 0.")
 
-    def build(self, in_shape, backend, rng, dtype):
+    def build(self, in_shape: tuple[int, ...], backend: Backend, rng: np.random.Generator, dtype) -> tuple[int, ...]:
         C, H, W = in_shape
         if self.K < 1 or self.stride < 1 or self.F < 1:
             raise ConfigError(f"{self.name}: kernel size k={self.K}, stride={self.stride} and filters={self.F} "
@@ -97,7 +98,7 @@ class Conv2d(Layer):
         self.in_shape, self.out_shape = tuple(in_shape), (self.F, Ho, Wo)
         return self.out_shape
 
-    def forward(self, x, train):
+    def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
         if self.sym:
             y, self.cache = self.B.conv2d_forward(x, self.params["W"], self.params["b"], self.stride, self.pads[0])
         else:                           # asymmetric 'same' (even K): zero-pad here, then a valid conv
@@ -106,7 +107,7 @@ class Conv2d(Layer):
             y, self.cache = self.B.conv2d_forward(xp, self.params["W"], self.params["b"], self.stride, 0)
         return y                                                     # N,F,Ho,Wo
 
-    def backward(self, delta):
+    def backward(self, delta: np.ndarray) -> np.ndarray | None:
         """Rules 4, 5, 6: δ to the input is the full convolution of the δ-map with the flipped kernel,
         ∂L/∂W the valid correlation of the zero-padded input with the δ-map, ∂L/∂b the δ-map's sum.
         (The activation derivative h'(a) is applied by the activation layer below: rule 7.)"""
@@ -118,11 +119,11 @@ class Conv2d(Layer):
             dx = np.ascontiguousarray(dx[:, :, top:dx.shape[2] - bottom, left:dx.shape[3] - right])   # crop the padding
         return dx
 
-    def flops(self):
+    def flops(self) -> int:
         F, Ho, Wo = self.out_shape
         return 2 * F * Ho * Wo * self.in_shape[0] * self.K * self.K
 
-    def describe(self):
+    def describe(self) -> str:
         return f"conv {self.F} k{self.K} s{self.stride} {self.padding}"
 
 
@@ -133,7 +134,7 @@ class Pool2d(Layer):
         super().__init__()
         self.size, self.stride, self.mode = int(size), int(stride or size), mode
 
-    def build(self, in_shape, backend, rng, dtype):
+    def build(self, in_shape: tuple[int, ...], backend: Backend, rng: np.random.Generator, dtype) -> tuple[int, ...]:
         C, H, W = in_shape
         if self.mode not in ("max", "mean"):
             raise ConfigError(f"{self.name}: pooling mode '{self.mode}' is unknown; use pool=max or pool=mean.")
@@ -149,30 +150,30 @@ class Pool2d(Layer):
         self.out_shape = (C, out_size(H, self.size, self.stride), out_size(W, self.size, self.stride))
         return self.out_shape
 
-    def forward(self, x, train):
+    def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
         y, self.cache = self.B.pool2d_forward(x, self.size, self.stride, self.mode)
         return y
 
-    def backward(self, delta):
+    def backward(self, delta: np.ndarray) -> np.ndarray | None:
         """Rule 2 (max: δ to the recorded winner) or rule 3 (mean: δ/size² to every neuron of the window)."""
         return self.B.pool2d_backward(delta, self.cache)
 
-    def flops(self):
+    def flops(self) -> int:
         C, Ho, Wo = self.out_shape
         return C * Ho * Wo * self.size * self.size
 
-    def describe(self):
+    def describe(self) -> str:
         return f"{self.mode}pool {self.size} s{self.stride}"
 
 
 class ReLU(Layer):
     kind = "relu"
 
-    def forward(self, x, train):
+    def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
         self.mask = x > 0
         return x * self.mask
 
-    def backward(self, delta):
+    def backward(self, delta: np.ndarray) -> np.ndarray | None:
         """Rule 7: multiply δ by h'(a) = [a > 0]."""
         return delta * self.mask
 
@@ -180,11 +181,11 @@ class ReLU(Layer):
 class Tanh(Layer):
     kind = "tanh"
 
-    def forward(self, x, train):
+    def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
         self.y = np.tanh(x)
         return self.y
 
-    def backward(self, delta):
+    def backward(self, delta: np.ndarray) -> np.ndarray | None:
         """Rule 7: multiply δ by h'(a) = 1 - tanh²(a)."""
         return delta * (1 - self.y * self.y)
 
@@ -192,11 +193,11 @@ class Tanh(Layer):
 class Sigmoid(Layer):
     kind = "sigmoid"
 
-    def forward(self, x, train):
+    def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
         self.y = 1 / (1 + np.exp(-x))
         return self.y
 
-    def backward(self, delta):
+    def backward(self, delta: np.ndarray) -> np.ndarray | None:
         """Rule 7: multiply δ by h'(a) = σ(a)(1 - σ(a))."""
         return delta * self.y * (1 - self.y)
 
@@ -204,14 +205,14 @@ class Sigmoid(Layer):
 class Flatten(Layer):
     kind = "flatten"
 
-    def build(self, in_shape, backend, rng, dtype):
+    def build(self, in_shape: tuple[int, ...], backend: Backend, rng: np.random.Generator, dtype) -> tuple[int, ...]:
         self.in_shape, self.out_shape = tuple(in_shape), (int(np.prod(in_shape)),)
         return self.out_shape
 
-    def forward(self, x, train):
+    def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
         return x.reshape(x.shape[0], -1)                              # N,C*H*W
 
-    def backward(self, delta):
+    def backward(self, delta: np.ndarray) -> np.ndarray | None:
         """Rule 1: the dense layer's δ's are copied (reshaped) back to the positions they came from."""
         return delta.reshape((delta.shape[0],) + self.in_shape)     # N,C,H,W
 
@@ -224,7 +225,7 @@ class Dense(Layer):
         super().__init__()
         self.units, self.init, self.need_dx = int(units), init, need_dx
 
-    def build(self, in_shape, backend, rng, dtype):
+    def build(self, in_shape: tuple[int, ...], backend: Backend, rng: np.random.Generator, dtype) -> tuple[int, ...]:
         if len(in_shape) != 1:
             raise ConfigError(f"{self.name}: a dense layer needs a flat input but gets {'x'.join(map(str, in_shape))}; "
                               f"put a 'flatten' layer before it.")
@@ -238,23 +239,23 @@ class Dense(Layer):
         self.B = backend
         return self.out_shape
 
-    def forward(self, x, train):
+    def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
         self.x = x                                                   # N,D
         y = self.B.matmul(x, self.params["W"].T)                     # N,U
         y += self.params["b"]
         return y
 
-    def backward(self, delta):
+    def backward(self, delta: np.ndarray) -> np.ndarray | None:
         """MLP backprop: ∂L/∂W = δᵀx, ∂L/∂b = Σδ, δ to the input = δW (rule 1 carries it on)."""
         self.delta = delta                                           # N,U
         self.grads["W"] = self.B.matmul(delta.T, self.x)             # U,D
         self.grads["b"] = delta.sum(axis=0)                          # U
         return self.B.matmul(delta, self.params["W"]) if self.need_dx else None   # N,D
 
-    def flops(self):
+    def flops(self) -> int:
         return 2 * self.in_shape[0] * self.units
 
-    def describe(self):
+    def describe(self) -> str:
         return f"dense {self.units}"
 
 
@@ -268,7 +269,7 @@ class Dropout(Layer):
             raise ConfigError(f"dropout: p={self.p} must be in [0, 1).")
         self.rng = None                                              # set by the model (one generator per run)
 
-    def forward(self, x, train):
+    def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
         if not train or self.p == 0.0:
             self.mask = None
             return x
@@ -276,11 +277,11 @@ class Dropout(Layer):
         self.mask = keep * x.dtype.type(1.0 / (1.0 - self.p))
         return x * self.mask
 
-    def backward(self, delta):
+    def backward(self, delta: np.ndarray) -> np.ndarray | None:
         """δ flows only through the kept units, with the same 1/(1-p) scale."""
         return delta if self.mask is None else delta * self.mask
 
-    def describe(self):
+    def describe(self) -> str:
         return f"dropout {self.p:g}"
 
 

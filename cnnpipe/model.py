@@ -5,7 +5,7 @@ import numpy as np
 
 from cnnpipe import ConfigError
 from cnnpipe.backends import get_backend
-from cnnpipe.layers import ACTIVATIONS, Conv2d, Dense, Dropout, Flatten, Pool2d
+from cnnpipe.layers import ACTIVATIONS, Conv2d, Dense, Dropout, Flatten, Layer, Pool2d
 
 LAYER_TYPES = ("conv", "pool", "act", *ACTIVATIONS, "flatten", "dense", "dropout")
 
@@ -36,12 +36,12 @@ class Sequential:
             parts.append(f"{layer.name} {fmt_shape(layer.out_shape)}")
         return " → ".join(parts)
 
-    def forward(self, x, train=True):
+    def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
         for layer in self.layers:
             x = layer.forward(x, train)
         return x
 
-    def backward(self, delta):
+    def backward(self, delta: np.ndarray) -> np.ndarray | None:
         for layer in reversed(self.layers):
             delta = layer.backward(delta)
             if delta is None:                               # the first layer skipped its input gradient
@@ -55,11 +55,11 @@ class Sequential:
     def named_grads(self) -> dict[str, np.ndarray]:
         return {f"{layer.name}.{k}": v for layer in self.layers for k, v in layer.grads.items()}
 
-    def load_params(self, arrays: dict[str, np.ndarray]):
+    def load_params(self, arrays: dict[str, np.ndarray]) -> None:
         for name, p in self.named_params().items():
             p[...] = arrays[name]
 
-    def param_count(self):
+    def param_count(self) -> int:
         return sum(p.size for p in self.named_params().values())
 
     def summary(self) -> str:
@@ -83,7 +83,7 @@ def fmt_shape(shape):
     return "x".join(str(s) for s in shape)
 
 
-def make_layers(cfg):
+def make_layers(cfg) -> list[Layer]:
     """The layer objects for cfg.model.layers, filling unset values from cfg.conv / cfg.pool / cfg.model."""
     m, layers = cfg.model, []
     if not m.layers:
