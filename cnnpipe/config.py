@@ -136,6 +136,16 @@ class SweepConf:
 
 
 @dataclass
+class FindLrConf:
+    """scripts/find_lr.py, the LR range test: the lr grows exponentially from start to end over `steps` steps."""
+    start: float = 1e-5                 # > 0
+    end: float = 1.0                    # > start
+    steps: int = 200                    # >= 10 (fewer when the loss diverges first)
+    diverge: float = 4.0                # stop once the smoothed loss exceeds diverge × its lowest value (> 1)
+    smoothing: float = 0.98             # β of the loss's bias-corrected moving average, in [0, 1) (0: the raw loss)
+
+
+@dataclass
 class TrainConf:
     model: ModelConf = MISSING
     conv: ConvConf = field(default_factory=ConvConf)
@@ -147,6 +157,7 @@ class TrainConf:
     logger: LoggerConf = field(default_factory=LoggerConf)
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
     sweep: SweepConf = field(default_factory=SweepConf)
+    find_lr: FindLrConf = field(default_factory=FindLrConf)
     dtype: str = "float32"              # float32 | float64
     resume: Optional[str] = None        # a checkpoint .npz or a run directory: continue that run
     init_from: Optional[str] = None     # a checkpoint .npz or a run directory: a new run from its weights

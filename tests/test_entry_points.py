@@ -46,7 +46,7 @@ def test_cnnpipe_evaluate_and_gradcheck_run(fashion_root, tmp_path):
                      f"hydra.run.dir={run}").returncode == 0
     r = run_entry("cnnpipe-evaluate", f"ckpt={run}")
     assert r.returncode == 0 and "confusion matrix" in r.stdout
-    r = run_entry("cnnpipe-gradcheck", "model=lenet5", "pool=mean")
+    r = run_entry("cnnpipe-gradcheck", "model=lenet5", "pool=mean", cwd=tmp_path)
     assert r.returncode == 0 and "gradients within" in r.stdout
     r = run_entry("cnnpipe-evaluate")
     assert r.returncode == 2 and "usage:" in r.stderr and "Traceback" not in r.stderr

@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import PY, REPO, run_script
@@ -69,6 +70,7 @@ def test_a_failing_job_is_recorded_and_the_others_finish(fashion_root, tmp_path)
     assert "40x40 kernel does not fit" in bad["error"]
     assert (sweep / bad["dir"] / "job.json").exists() and not (sweep / bad["dir"] / "metrics.json").exists()
     assert "| failed |" in (sweep / "summary.md").read_text()
+    assert not (sweep / "summary_by_config.csv").exists()   # no seeds varied: no seed statistics
 
 
 def test_optuna_sweep_of_three_trials(fashion_root, tmp_path):
@@ -220,3 +222,73 @@ def test_a_launcher_that_is_not_installed_names_the_extra(tmp_path):
     assert "hydra/launcher=ray needs a Hydra plugin that is not installed" in err and "Traceback" not in err
     assert "pip install -e '.[ray]'" in err and err.count("error:") == 1
     assert not (tmp_path / "s").exists()
+
+
+# -- seed statistics: summary_by_config.csv/.md ----------------------------------------------------------------------
+def by_config(sweep_dir: Path) -> list[dict]:
+    with open(sweep_dir / "summary_by_config.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def job_metrics(sweep_dir: Path) -> list[tuple[dict, dict | None]]:
+    """(overrides as a dict, metrics.json or None) of every job directory, read straight from the files."""
+    out = []
+    for job in sorted(sweep_dir.glob("*/job.json")):
+        overrides = dict(o.split("=", 1) for o in json.loads(job.read_text())["overrides"])
+        metrics = job.parent / "metrics.json"
+        out.append((overrides, json.loads(metrics.read_text()) if metrics.exists() else None))
+    return out
+
+
+def assert_stats(row, metric, values):
+    assert int(row[f"{metric}_n"]) == len(values)
+    assert float(row[f"{metric}_mean"]) == pytest.approx(np.mean(values), rel=1e-12)
+    assert float(row[f"{metric}_std"]) == pytest.approx(np.std(values, ddof=1), rel=1e-12)
+
+
+def test_a_sweep_over_seeds_writes_mean_and_std_per_configuration(fashion_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    r = run_script("train.py", "-m", "trainer.seed=0,1,2", "conv.k=3,5", "optimized_metric=val_loss",
+                   *tiny(fashion_root, sweep, **{"trainer.max_steps": 3}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(summary(sweep)) == 6
+    rows = by_config(sweep)
+    assert [row["params"] for row in sorted(rows, key=lambda row: row["params"])] == ["conv.k=3", "conv.k=5"]
+    jobs = job_metrics(sweep)
+    for row in rows:
+        k = row["params"].split("=")[1]
+        mine = [m for o, m in jobs if o["conv.k"] == k]
+        assert row["n"] == "3" and row["failed"] == "0" and row["metric_name"] == "val_loss"
+        assert sorted(row["seeds"].split()) == ["0", "1", "2"]
+        assert sorted({o["trainer.seed"] for o, m in jobs if o["conv.k"] == k}) == ["0", "1", "2"]
+        assert_stats(row, "metric", [m["val_loss"] for m in mine])
+        for metric in ("val_loss", "val_acc", "test_acc", "test_loss", "train_loss"):
+            assert_stats(row, metric, [m[metric] for m in mine])
+    means = [float(row["metric_mean"]) for row in rows]
+    assert means == sorted(means) and means[0] < means[1]          # val_loss: the lowest mean first
+    assert [row["rank"] for row in rows] == ["1", "2"]
+    md = (sweep / "summary_by_config.md").read_text()
+    assert "| rank | params | val_loss mean ± std (n) |" in md and md.count(" (3) |") >= 2
+    best = rows[0]
+    line = (f"| 1 | {best['params']} | {float(best['metric_mean']):.4f} ± {float(best['metric_std']):.4f} (3) | 0 |")
+    assert line in md and line in r.stdout                          # printed after the per-job summary
+    assert r.stdout.index("Sweep summary: 6 jobs") < r.stdout.index("Seed statistics: 2 configuration(s)")
+
+
+def test_seed_statistics_count_failed_jobs_without_averaging_them(fashion_root, tmp_path):
+    """trainer.seed=-1 fails in every configuration, conv.k=40 in every job: they are counted, never averaged."""
+    sweep = tmp_path / "sweep"
+    r = run_script("train.py", "-m", "trainer.seed=0,-1,1", "conv.k=3,40",
+                   *tiny(fashion_root, sweep, **{"trainer.max_steps": 2}))
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "4 job(s) of the sweep did not finish" in r.stderr
+    rows = {row["params"]: row for row in by_config(sweep)}
+    good, bad = rows["conv.k=3"], rows["conv.k=40"]
+    finished = [m for o, m in job_metrics(sweep) if o["conv.k"] == "3" and m is not None]
+    assert len(finished) == 2
+    assert (good["rank"], good["n"], good["failed"], good["metric_name"]) == ("1", "2", "1", "val_acc")
+    assert sorted(good["seeds"].split()) == ["-1", "0", "1"]
+    assert_stats(good, "metric", [m["val_acc"] for m in finished])
+    assert_stats(good, "test_loss", [m["test_loss"] for m in finished])
+    assert (bad["rank"], bad["n"], bad["failed"], bad["metric_mean"], bad["metric_std"]) == ("", "0", "3", "", "")
+    assert list(rows) == ["conv.k=3", "conv.k=40"]                  # a configuration without results comes last

@@ -8,6 +8,7 @@ what Hydra does not do:
   NaN instead of ending the sweep; with sweep.resume=true a finished job (metrics.json) is skipped and an
   interrupted one (checkpoints/last.npz) continues from its checkpoint.
 - callback.SweepCallback (hydra.callbacks in conf/hydra/default.yaml): before the jobs start, the checks and
-  per-job thread limit of plan.py; after they end, summary.csv + summary.md (summary.py) in the sweep directory.
+  per-job thread limit of plan.py; after they end, summary.csv + summary.md (summary.py) in the sweep directory,
+  and for a sweep over trainer.seed the mean ± std of each configuration (by_config.py: summary_by_config.*).
 - plugins.missing_plugin: a launcher/sweeper plugin that is not installed is a clear error naming the extra.
 """

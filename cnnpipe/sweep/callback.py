@@ -10,6 +10,7 @@ from hydra.experimental.callback import Callback
 from cnnpipe import ConfigError
 from cnnpipe.backends.cores import THREADS_ENV
 from cnnpipe.cli import fail
+from cnnpipe.sweep.by_config import format_top_configs, seed_statistics, write_by_config
 from cnnpipe.sweep.plan import check_sweep_dir, cpu_count, drop_ray_object_store_default, job_threads
 from cnnpipe.sweep.summary import collect_jobs, direction, format_top, sort_rows, write_summary
 
@@ -40,3 +41,7 @@ class SweepCallback(Callback):
         write_summary(sweep_dir, rows)
         failed_jobs[:] = [r for r in rows if r["status"] != "finished"]
         print(format_top(rows, sweep_dir, order), flush=True)
+        configs = seed_statistics(rows, order)            # a sweep over trainer.seed: mean ± std per configuration
+        if configs is not None:
+            write_by_config(sweep_dir, configs)
+            print(format_top_configs(configs, sweep_dir, order), flush=True)

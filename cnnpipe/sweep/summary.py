@@ -43,7 +43,7 @@ def collect_jobs(sweep_dir: Path) -> list[dict]:
 
 def mark_varied(rows):
     """`params`: the overrides whose value differs between jobs (what the sweep varied), for the tables."""
-    lists = [dict(o.partition("=")[::2] for o in r.pop("_overrides")) for r in rows]
+    lists = [dict(o.partition("=")[::2] for o in r["_overrides"]) for r in rows]
     keys = dict.fromkeys(k for d in lists for k in d)
     varied = [k for k in keys if len({d.get(k) for d in lists}) > 1] if len(rows) > 1 else list(keys)
     for r, d in zip(rows, lists):
