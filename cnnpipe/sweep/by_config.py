@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnpipe.sweep.summary import SHOWN_METRICS, _cell
+from cnnpipe.sweep.summary import SHOWN_METRICS, table_cell
 
 SEED_KEY = "trainer.seed"
 STEM = "summary_by_config"
@@ -106,7 +106,7 @@ def mean_std(c, m) -> str:
     mean, std, n = c[f"{m}_mean"], c[f"{m}_std"], c[f"{m}_n"]
     if mean is None:
         return ""
-    return f"{_cell(float(mean))}{'' if std is None else ' ± ' + _cell(float(std))} ({n})"
+    return f"{table_cell(float(mean))}{'' if std is None else ' ± ' + table_cell(float(std))} ({n})"
 
 
 def markdown_table(configs) -> str:
@@ -115,7 +115,7 @@ def markdown_table(configs) -> str:
     head = ["rank", "params", f"{name} mean ± std (n)", "failed", "seeds", *others]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for c in configs:
-        cells = [_cell(c["rank"]), _cell(c["params"]), mean_std(c, "metric"), str(c["failed"]), c["seeds"],
+        cells = [table_cell(c["rank"]), table_cell(c["params"]), mean_std(c, "metric"), str(c["failed"]), c["seeds"],
                  *[mean_std(c, m) for m in others]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -102,7 +102,7 @@ def write_summary(sweep_dir: Path, rows):
     (sweep_dir / "summary.md").write_text(markdown_table(rows) + "\n")
 
 
-def _cell(v):
+def table_cell(v):
     if v is None:
         return ""
     if isinstance(v, float):
@@ -116,7 +116,7 @@ def markdown_table(rows, columns=("rank", "job", "status", "metric", "params", "
     columns = [c for c in columns if c != name]             # the optimized metric is shown once, as `metric`
     head = [name if c == "metric" else c for c in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(table_cell(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
