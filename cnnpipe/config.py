@@ -96,6 +96,7 @@ class TrainerConf:
     log_every: int = 50                 # steps between train.log lines / tqdm postfix updates
     max_steps: Optional[int] = None     # stop after this many steps in total (debug)
     progress: bool = True               # tqdm bars
+    profile: bool = False               # time per layer, optimizer, data, hooks each epoch (cnnpipe/profile.py)
 
 
 @dataclass
