@@ -19,7 +19,7 @@ def bench(fashion_root, tmp_path_factory):
     readme.write_text("# title\n\n<!-- bench:start -->\nold table\n<!-- bench:end -->\n\n## next section\n")
     r = run_script("bench.py", "--quick", "--out", str(tmp / "bench"), "--data-root", str(fashion_root),
                    "--override", "data.val_size=100", "--models", "lenet5", "--backends", "numba", "--experiments",
-                   "--cifar-size", "600", "200", "--sections", "headline", "cifar", "profile",
+                   "--cifar-size", "600", "200", "--sections", "headline", "cifar", "profile", "kernels", "startup",
                    "--workdir", str(tmp / "work"), "--readme", str(readme), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads((tmp / "bench.json").read_text()), (tmp / "bench.md").read_text(), readme.read_text()
@@ -67,6 +67,19 @@ def test_profile_section(bench):
     assert p["command"].endswith("trainer.profile=true trainer.max_steps=30 trainer.epochs=1")
     assert abs(sum(r["share"] for r in epoch["rows"]) - 1) < 1e-9
     assert "| conv1 (conv 6 k5 s1 same) |" in md and "| optimizer step |" in md
+
+
+def test_kernels_and_startup_sections(bench):
+    rep, md, _ = bench
+    for b in ("numba", "torch"):
+        ops = {(k["layer"].split()[0], k["op"]) for k in rep["kernels"][b]}
+        assert {("conv1", "conv forward"), ("conv2", "conv backward"), ("pool1", "maxpool backward"),
+                ("pool2", "meanpool forward")} <= ops
+    s = rep["startup"]                                                   # --quick: warm cache only
+    assert "numba_cold" not in s and len(s["numba_warm_runs"]) == 1
+    for run in (s["numba_warm"], s["numpy"]):
+        assert 0 < run["to_model_s"] <= run["to_data_s"] <= run["to_first_step_s"], run
+    assert "## Kernels" in md and "| numba, warm cache |" in md and "≤ 3.0 s" in md
 
 
 def test_markdown_and_readme(bench):

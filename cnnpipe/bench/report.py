@@ -169,16 +169,16 @@ def shared_text(s: dict, t: dict) -> list[str]:
         return ["Failed: " + "; ".join(r.get("error", "") for r in s["alone"])[:300], ""]
     lim = t["shared_cores"]
     sweep, busy = s["sweep_job_share"], s["busy_share"]
-    rows = [["one job alone", f"{s['alone_samples_per_second']:,.0f}", "100 %", "", s["alone"][0]["command"]]]
+    rows = [["one job alone", f"`{s['alone'][0]['command']}`", f"{s['alone_samples_per_second']:,.0f}", "100 %", ""]]
     if sweep:
-        rows.append(["each of two sweep jobs", "", " / ".join(f"{100 * v:.0f} %" for v in sweep),
-                     f"≥ {100 * lim['sweep_job_share']:.0f} % {_check(min(sweep), lim['sweep_job_share'], True)}",
-                     next(r["command"] for r in s["sweep"] if "error" not in r)])
+        rows.append(["each of two sweep jobs", f"`{next(r['command'] for r in s['sweep'] if 'error' not in r)}`", "",
+                     " / ".join(f"{100 * v:.0f} %" for v in sweep),
+                     f"≥ {100 * lim['sweep_job_share']:.0f} % {_check(min(sweep), lim['sweep_job_share'], True)}"])
     if busy:
-        rows.append(["beside a busy core", "", " / ".join(f"{100 * v:.0f} %" for v in busy),
-                     f"≥ {100 * lim['busy_core_share']:.0f} % {_check(min(busy), lim['busy_core_share'], True)}",
-                     "the same, while `python -c 'while True: pass'` spins on core 0"])
-    return [_table(["run", "samples/s", "of alone", "target", "command"], rows), ""]
+        rows.append(["beside a busy core", "the same as alone, while `python -c 'while True: pass'` spins on core 0",
+                     "", " / ".join(f"{100 * v:.0f} %" for v in busy),
+                     f"≥ {100 * lim['busy_core_share']:.0f} % {_check(min(busy), lim['busy_core_share'], True)}"])
+    return [_table(["run", "command", "samples/s", "of alone (rounds)", "target"], rows, left=2), ""]
 
 
 def render(rep: dict) -> str:

@@ -2,8 +2,8 @@
 
 `scripts/train.py` (ours) and `scripts/torch_peer.py` (the PyTorch peer) run with the given overrides, one epoch,
 their output going to a file (not a terminal: tqdm behaves as in a non-interactive run). A run's figures come from
-its own files: metrics.json (epoch_seconds, samples_per_second), .hydra/config.yaml (batch size), its log (the data
-line, the TensorBoard cost line) and the process's peak RSS (wait4).
+its own files: metrics.json (epoch_seconds, samples_per_second), .hydra/config.yaml (batch size), its log
+(train.log: the data line, the TensorBoard cost line) and the process's peak RSS (wait4).
 """
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ def user_run(kind: str, overrides: list[str], workdir: Path, label: str, timeout
     try:
         m = json.loads((run_dir / "metrics.json").read_text())
         batch = int(re.search(r"^  batch_size: (\d+)$", (run_dir / ".hydra" / "config.yaml").read_text(), re.M)[1])
-        data = DATA_LINE.search(p.output)
+        log = (run_dir / SCRIPTS[kind].replace(".py", ".log")).read_text()      # Hydra's job log: train.log
+        data = DATA_LINE.search(log)
         n_train = int(data[2])
         row["files"] = {f: json.loads((run_dir / f).read_text()) for f in files}
     except (OSError, ValueError, TypeError) as e:
@@ -100,7 +101,7 @@ def user_run(kind: str, overrides: list[str], workdir: Path, label: str, timeout
     row.update(seconds=seconds, steps=m["steps"], samples_per_second=sps, n_train=n_train, batch_size=batch,
                full_epoch=m["steps"] >= math.ceil(n_train / batch), epoch_seconds=n_train / sps,
                test_acc=m["test_acc"], threads=m.get("threads"), val=int(data[3]) > 0)
-    tb = TB_LINE.search(p.output)
+    tb = TB_LINE.search(log)
     if tb:
         row.update(tb_seconds=float(tb[1]), tb_share=float(tb[2]) / 100, tb_share_without_open=float(tb[4]) / 100)
     if kind == "torch":
