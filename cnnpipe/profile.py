@@ -1,18 +1,14 @@
 """trainer.profile=true: where a training step's time goes, so users (and we) see what to speed up.
 
-The Profiler callback wraps, on the instances only (no layer or trainer code changes): every layer's forward and
-backward, the optimizer's step, the trainer's batch iterator and the other callbacks' hooks. At the end of each
-epoch it logs a table (train.log and the console) and writes profile.json in the run directory:
-
-    part               ms/step   share   GFLOP/s
-    data batch           0.210    8.1 %
-    conv1 forward        0.150    5.8 %     10.4
-    ...
-    rest                 0.050    1.9 %              the loss, accuracy, lr schedule, progress bar, bookkeeping
+The Profiler callback wraps, on the instances only (the classes stay as they are): every layer's forward and
+backward, the optimizer's step, the trainer's batch iterator (Trainer.epoch_batches) and the other callbacks'
+hooks. At the end of each epoch it logs a table (train.log and the console: part, ms/step, share of the step,
+GFLOP/s for conv and dense layers) and writes profile.json in the run directory.
 
 The window is the epoch's training loop as this callback sees it: from the first batch request to the end of the
-last step's hooks (so every timed part lies inside it and `rest` is what the wrappers do not cover). Layer calls
-outside the training step (validation, the TensorBoard probe inside a hook) are not counted as layer time.
+last step's hooks, so every timed part lies inside it and `rest` is what no wrapper covers (the loss, accuracy,
+learning-rate schedule, progress bar, bookkeeping). Layer calls outside the training step (validation, the
+TensorBoard probe inside a hook) are not counted as layer time.
 """
 from __future__ import annotations
 

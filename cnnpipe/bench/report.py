@@ -181,7 +181,8 @@ def shared_text(s: dict, t: dict) -> list[str]:
     return [_table(["run", "command", "samples/s", "of alone (rounds)", "target"], rows, left=2), ""]
 
 
-def render(rep: dict) -> str:
+def render(rep: dict, explain: bool = True) -> str:
+    """docs/bench.md; explain=False leaves out the paragraph on what a row is (the README says it above its section)."""
     m, t = rep["machine"], rep["targets"]
     out = ["# Benchmark: the user's command, numpy and numba beside PyTorch", "",
            f"Measured {m['date']} on {m['cpu']} ({m['cpus']} cores; {', '.join(m['simd'])}; {m.get('mem_gb', '?')} "
@@ -210,7 +211,8 @@ def render(rep: dict) -> str:
             f"from the run's train.log (in brackets: without opening the event file). Peak RSS: the process's "
             f"maximum resident set.")
     if "fashion" in rep:
-        out += ["## Fashion-MNIST: one epoch of the user's command", "", what, ""] + headline_text(rep, "fashion")
+        out += ["## Fashion-MNIST: one epoch of the user's command", ""] + ([what, ""] if explain else []) \
+            + headline_text(rep, "fashion")
     if "cifar" in rep:
         n, nt = rep["cifar_size"]
         out += ["## CIFAR-10-shaped: 3×32×32, 10 classes", "",
@@ -245,7 +247,7 @@ def render(rep: dict) -> str:
 
 def render_readme(rep: dict, out: Path) -> str:
     """The README's section: the machine, the user's-command tables, shared cores, start-up; a link to the rest."""
-    md = render(rep)
+    md = render(rep, explain=False)
     parts = md.split("\n## ")
     keep = [p for p in parts[1:] if p.startswith(("Fashion-MNIST", "CIFAR-10", "Shared cores", "Start-up"))]
     head = parts[0].split("\n", 2)[2].strip()
