@@ -49,6 +49,9 @@ def make_trainer(cfg, run_dir, overrides: list[str] | None = None) -> Trainer:
     if cfg.logger.tensorboard:
         from cnnpipe.tb import TensorBoardLogger
         trainer.callbacks.append(TensorBoardLogger(trainer))
+    if cfg.trainer.profile:                             # last: it times the other callbacks' hooks
+        from cnnpipe.profile import Profiler
+        trainer.callbacks.append(Profiler(trainer))
     return trainer
 
 

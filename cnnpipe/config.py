@@ -62,6 +62,7 @@ class DataConf:
     root: str = "data"
     download: bool = True
     mirror: Optional[str] = None
+    verify: bool = True                 # false: files already in data.root load without torchvision's md5 check
     val_size: int = 5000
     limit_train: Optional[int] = None
     limit_test: Optional[int] = None
@@ -110,6 +111,7 @@ class TrainerConf:
     progress: bool = True               # tqdm bars
     early_stopping: EarlyStoppingConf = field(default_factory=EarlyStoppingConf)
     test_checkpoint: str = "auto"       # weights the final test uses: best | last | auto (best with a val split)
+    profile: bool = False               # time per layer, optimizer, data, hooks each epoch (cnnpipe/profile.py)
 
 
 @dataclass

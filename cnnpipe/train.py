@@ -89,9 +89,7 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_start(self)
         while self.epoch < tc.epochs and not self._max_steps_reached() and not self.stopped_early:
-            it = batches(self.data.train, tc.batch_size, mean=self.data.mean, std=self.data.std, dtype=self.dtype,
-                         shuffle_seed=[tc.seed, self.epoch], augment=self.data.augment,
-                         crop_padding=self.data.crop_padding, start=self.batch_in_epoch)
+            it = self.epoch_batches()
             bar = _progress(tc.progress, self.steps_per_epoch, self.batch_in_epoch,
                             f"epoch {self.epoch + 1}/{tc.epochs}")
             mark = time.perf_counter()
@@ -116,6 +114,13 @@ class Trainer:
                 raise Interrupted(self.stop_requested, self.run_dir)
             self._end_epoch()
         return self._finish()
+
+    def epoch_batches(self):
+        """This epoch's (x, y) batches from the current position (trainer.profile times this iterator)."""
+        tc = self.cfg.trainer
+        return batches(self.data.train, tc.batch_size, mean=self.data.mean, std=self.data.std, dtype=self.dtype,
+                       shuffle_seed=[tc.seed, self.epoch], augment=self.data.augment,
+                       crop_padding=self.data.crop_padding, start=self.batch_in_epoch)
 
     def _step(self, x, y, lr) -> StepResult:
         def after_backward():

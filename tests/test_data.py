@@ -7,6 +7,7 @@ the test's own files; torchvision's real checking, extraction and reading code r
 import functools
 import gzip
 import http.server
+import json
 import logging
 import os
 import pickle
@@ -491,3 +492,22 @@ def test_augmentation_only_changes_cifar(tmp_path, monkeypatch, caplog):
         aug = np.concatenate([xb for xb, _ in D.batches(b.train, 32, augment=b.augment,
                                                         crop_padding=b.crop_padding, **kw)])
         assert (not np.array_equal(plain, aug)) == changed
+
+
+def test_synthetic_cifar_refused_unless_verify_false(tmp_path):
+    """A CIFAR-format folder that is not the original (md5 sums differ) is refused by default; data.verify=false
+    trains on it through scripts/train.py and says so in train.log, naming the folder."""
+    from conftest import run_script, tiny_overrides
+    write_cifar(tmp_path / "root", tvd.CIFAR10)
+    folder = tmp_path / "root" / tvd.CIFAR10.base_folder
+    args = [*tiny_overrides(tmp_path / "root"), "data=cifar10", "data.val_size=0"]
+    r = run_script("train.py", *args, f"hydra.run.dir={tmp_path / 'refused'}")
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 2 and f"{folder} (data.root): not found or corrupted" in err, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    r = run_script("train.py", *args, "data.verify=false", f"hydra.run.dir={tmp_path / 'run'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"data.verify=false: the cifar10 files in {folder} were loaded without torchvision's md5 check" in log
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["dataset"] == "cifar10" and metrics["steps"] == 200 // 32 + 1

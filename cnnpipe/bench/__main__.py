@@ -1,0 +1,5 @@
+import sys
+
+from cnnpipe.bench.cli import main
+
+sys.exit(main())
