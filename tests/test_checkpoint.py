@@ -196,7 +196,8 @@ def test_wrong_architecture_is_refused_with_the_differences(tmp_path, finished_r
 
 def test_evaluate_reproduces_the_final_test_accuracy(finished_run, tmp_path):
     m = json.loads((finished_run / "metrics.json").read_text())
-    r = run_script("evaluate.py", f"ckpt={finished_run}/checkpoints/last.npz", f"out={tmp_path / 'e.json'}")
+    tested = m["test_checkpoint"]                                    # the weights the final test used
+    r = run_script("evaluate.py", f"ckpt={finished_run}/checkpoints/{tested}.npz", f"out={tmp_path / 'e.json'}")
     assert r.returncode == 0, r.stderr
     e = json.loads((tmp_path / "e.json").read_text())
     assert e["test_acc"] == m["test_acc"] and e["test_loss"] == pytest.approx(m["test_loss"], rel=1e-12)

@@ -72,7 +72,7 @@ def test_lr_schedules():
     from omegaconf import OmegaConf
 
     from cnnpipe.optim import lr_at
-    base = dict(lr=0.1, schedule="step", step_size=2, gamma=0.5, min_lr=0.0)
+    base = dict(lr=0.1, schedule="step", step_size=2, gamma=0.5, min_lr=0.0, warmup_steps=0, warmup_epochs=0.0)
     step = OmegaConf.create(base)
     assert [lr_at(step, s, 10, 100) for s in (0, 19, 20, 40)] == [0.1, 0.1, 0.05, 0.025]
     cos = OmegaConf.create({**base, "schedule": "cosine", "min_lr": 0.01})
