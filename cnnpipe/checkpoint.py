@@ -136,12 +136,13 @@ class Checkpointer(Callback):
 
     def __init__(self, tr):
         self.cfg, self.dir = tr.cfg.checkpoint, Path(tr.run_dir) / "checkpoints"
+        self.every_steps = self.cfg.every_steps              # read every step: a plain value
 
     def save(self, tr, name="last.npz"):
         save_atomic(self.dir / name, checkpoint_arrays(tr))
 
     def on_step_end(self, tr, step, result, lr, seconds):
-        if self.cfg.every_steps and step % self.cfg.every_steps == 0:
+        if self.every_steps and step % self.every_steps == 0:
             self.save(tr)
 
     def on_epoch_end(self, tr, metrics):

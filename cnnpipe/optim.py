@@ -124,19 +124,32 @@ def warmup_steps(cfg, steps_per_epoch: int) -> int:
     return int(cfg.warmup_steps) or round(float(cfg.warmup_epochs) * steps_per_epoch)
 
 
+class LrSchedule:
+    """The learning rate of each step (0-based): a linear warmup over its first W steps (lr·(step+1)/W), then the
+    schedule over the remaining steps: constant, step (×gamma every step_size epochs) or cosine to min_lr. The
+    settings are read from the config once (the trainer asks every step)."""
+
+    def __init__(self, cfg, steps_per_epoch: int, total_steps: int):
+        if cfg.schedule not in ("constant", "step", "cosine"):
+            raise ConfigError(f"Unknown lr schedule '{cfg.schedule}' (optim.schedule): choose constant, step or "
+                              f"cosine.")
+        self.base, self.schedule, self.min_lr = float(cfg.lr), str(cfg.schedule), float(cfg.min_lr)
+        self.gamma, self.decay_steps = float(cfg.gamma), int(cfg.step_size) * steps_per_epoch
+        self.warm = warmup_steps(cfg, steps_per_epoch)
+        self.after_warmup = total_steps - self.warm
+
+    def __call__(self, step: int) -> float:
+        if step < self.warm:
+            return self.base * (step + 1) / self.warm
+        step -= self.warm
+        if self.schedule == "constant":
+            return self.base
+        if self.schedule == "step":
+            return self.base * self.gamma ** (step // self.decay_steps)
+        frac = min(step / max(self.after_warmup, 1), 1.0)
+        return self.min_lr + 0.5 * (self.base - self.min_lr) * (1 + math.cos(math.pi * frac))
+
+
 def lr_at(cfg, step: int, steps_per_epoch: int, total_steps: int) -> float:
-    """The learning rate for `step` (0-based): a linear warmup over its first W steps (lr·(step+1)/W), then the
-    schedule over the remaining steps: constant, step (×gamma every step_size epochs) or cosine to min_lr."""
-    warm = warmup_steps(cfg, steps_per_epoch)
-    if step < warm:
-        return float(cfg.lr) * (step + 1) / warm
-    step, total_steps = step - warm, total_steps - warm
-    base, sched = float(cfg.lr), cfg.schedule
-    if sched == "constant":
-        return base
-    if sched == "step":
-        return base * cfg.gamma ** (step // (cfg.step_size * steps_per_epoch))
-    if sched == "cosine":
-        frac = min(step / max(total_steps, 1), 1.0)
-        return cfg.min_lr + 0.5 * (base - cfg.min_lr) * (1 + math.cos(math.pi * frac))
-    raise ConfigError(f"Unknown lr schedule '{sched}' (optim.schedule): choose constant, step or cosine.")
+    """The learning rate of one step (LrSchedule, for a single question)."""
+    return LrSchedule(cfg, steps_per_epoch, total_steps)(step)

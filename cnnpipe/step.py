@@ -18,6 +18,8 @@ class StepResult:
     correct: int        # samples whose largest logit is the label
     n: int              # samples in the batch
     clipped: bool = False   # gradient clipping changed the gradients of this step
+    labels: np.ndarray | None = None    # N: the batch's labels
+    preds: np.ndarray | None = None     # N: the predicted classes (largest logit), e.g. for a confusion matrix
 
 
 class NonFiniteLoss(ConfigError):
@@ -71,7 +73,8 @@ def train_step(model, optimizer, x: np.ndarray, y: np.ndarray, lr: float,
     grads = model.named_grads()
     clipped = clip(grads) if clip is not None else False
     optimizer.step(grads, lr)
-    return StepResult(loss, int((logits.argmax(1) == y).sum()), len(y), clipped)
+    preds = logits.argmax(1)
+    return StepResult(loss, int((preds == y).sum()), len(y), clipped, y, preds)
 
 
 def first_nonfinite_grad(model) -> str | None:

@@ -10,7 +10,8 @@ What lands in the run's event file (global step = optimizer steps completed, con
             val/{loss,accuracy} each epoch; test/{loss,accuracy} at the end; probe/loss with the images
   images    input/probe, delta/<conv>, activation/<conv>, filters/<conv>   every logger.image_every steps
             and at the last step, for the first logger.probe_images test images (the same ones all run long);
-            confusion/val (or confusion/test) once an epoch
+            confusion/val (without a validation split: confusion/train, the epoch's training predictions) once an
+            epoch, and confusion/test at the end; all from predictions the trainer makes anyway
   hists     weights/<layer>.W, grads/<layer>.W, deltas/<layer>  every logger.histogram_every steps (0: off)
   hparams   the run's settings and overrides + hparams/{test_acc,test_loss,val_acc,val_loss,train_loss},
             written into this run's own event file (no timestamped sub-run)
@@ -22,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 import time
 
 import numpy as np
@@ -43,7 +45,8 @@ log = logging.getLogger("cnnpipe")
 
 
 def _timed(hook):
-    """Add the hook's wall time to the logger's own clock (`seconds`), which its last line reports."""
+    """Add the hook's wall time to the logger's clock of the training loop (`seconds`), which its last line
+    reports against the loop."""
     @functools.wraps(hook)
     def timed(self, *args):
         t0 = time.perf_counter()
@@ -55,6 +58,11 @@ def _timed(hook):
 
 
 # -- the callback -------------------------------------------------------------------------------------------------
+def _import_writer():
+    """torch.utils.tensorboard's import (most of opening the event file), off the main thread."""
+    import torch.utils.tensorboard  # noqa: F401
+
+
 def _norm(a):
     a = np.asarray(a).ravel()
     return float(math.sqrt(float(np.dot(a, a))))
@@ -96,6 +104,12 @@ class TensorBoardLogger(Callback):
 
     def __init__(self, tr):
         self.tr, self.cfg = tr, tr.cfg.logger
+        # plain values for the per-step checks (a config node's attribute lookup costs microseconds)
+        self.scalar_every, self.image_every = int(self.cfg.scalar_every), int(self.cfg.image_every)
+        self.histogram_every, self.max_steps = int(self.cfg.histogram_every), tr.cfg.trainer.max_steps
+        self.confusion = bool(self.cfg.confusion_every_epoch)
+        self.importing = threading.Thread(target=_import_writer, daemon=True)   # overlaps data loading
+        self.importing.start()
         self.writer, self.closed = None, False
         self.snapshot = None                      # parameters before the optimizer step (update ratio)
         self.pending = {}                         # scalars computed in on_after_backward, written in on_step_end
@@ -103,14 +117,17 @@ class TensorBoardLogger(Callback):
         self.window_steps = self.window_clipped = 0   # ... and how many of them gradient clipping changed
         self.last_image_step = None
         self.first_step = 1                       # the first step this process trains (set at train start)
-        self.seconds = 0.0                        # wall time spent in this logger's hooks (its cost)
-        self.open_seconds = 0.0                   # ... of which opening the event file (imports; once a run)
+        self.seconds = 0.0                        # wall time of this logger's hooks in the loop and at epoch ends
+        self.open_seconds = 0.0                   # once a run: opening the event file (imports)
+        self.end_seconds = 0.0                    # once a run: the final images, test scalars and hparams
         split = tr.data.test
         k = max(0, min(int(self.cfg.probe_images), len(split.y)))
         self.probe_u8, self.probe_y = split.x[:k], split.y[:k]           # uint8 N,C,H,W; N
         self.metric_tags = ["hparams/test_acc", "hparams/test_loss", "hparams/train_loss"]
         if tr.data.val is not None:
             self.metric_tags += ["hparams/val_acc", "hparams/val_loss"]
+        n = len(tr.data.classes)
+        self.train_confusion = np.zeros((n, n), np.int64)   # this epoch's training predictions (no val split)
 
     # -- writer ------------------------------------------------------------------------------------------------
     @property
@@ -119,6 +136,7 @@ class TensorBoardLogger(Callback):
         it from the interrupted attempt are purged (TensorBoard hides them)."""
         if self.writer is None and not self.closed:
             t0 = time.perf_counter()
+            self.importing.join()
             from torch.utils.tensorboard import SummaryWriter
             from torch.utils.tensorboard.summary import hparams
             self.writer = SummaryWriter(log_dir=str(self.tr.run_dir), purge_step=self.tr.step or None)
@@ -141,13 +159,14 @@ class TensorBoardLogger(Callback):
     def scalar_step(self, tr, step) -> bool:
         """Scalars every scalar_every steps, and at the first step and each epoch's (or max_steps') last step, so
         that a run shorter than scalar_every shows its gradient and δ norms too."""
-        every = self.cfg.scalar_every
+        every = self.scalar_every
         return bool(every) and (step % every == 0 or step == self.first_step or step % tr.steps_per_epoch == 0
-                                or step == tr.cfg.trainer.max_steps)
+                                or step == self.max_steps)
 
-    @_timed
     def on_train_start(self, tr):
+        """Open the event file here, before the loop: the imports ran in the background since __init__."""
         self.first_step = tr.step + 1
+        self.w  # noqa: B018
 
     @_timed
     def on_after_backward(self, tr, step, lr):
@@ -161,7 +180,7 @@ class TensorBoardLogger(Callback):
             p["grad_norm/total"] = math.sqrt(sum(v * v for k, v in p.items() if k.startswith("grad_norm/")))
             self.snapshot = {layer.name: {k: v.copy() for k, v in layer.params.items()}
                              for layer in tr.model.layers if layer.params}
-        if self.cfg.histogram_every and step % self.cfg.histogram_every == 0:
+        if self.histogram_every and step % self.histogram_every == 0:
             for layer in tr.model.layers:
                 for k in layer.params:
                     self.w.add_histogram(f"weights/{layer.name}.{k}", layer.params[k], step)
@@ -173,9 +192,13 @@ class TensorBoardLogger(Callback):
     def on_step_end(self, tr, step, result, lr, seconds):
         self.window.add(result, seconds)
         self.window_steps, self.window_clipped = self.window_steps + 1, self.window_clipped + result.clipped
+        if self.confusion and tr.data.val is None and result.preds is not None:
+            n = len(self.train_confusion)
+            pairs = result.labels.astype(np.int64) * n + result.preds
+            self.train_confusion += np.bincount(pairs, minlength=n * n).reshape(n, n)
         if self.scalar_step(tr, step):
             self._train_scalars(tr, lr, step)
-        if self.cfg.image_every and step % self.cfg.image_every == 0:
+        if self.image_every and step % self.image_every == 0:
             self._images(tr, step)
 
     def _train_scalars(self, tr, lr, step):
@@ -210,15 +233,13 @@ class TensorBoardLogger(Callback):
         if metrics.get("val_loss") is not None:
             w.add_scalar("val/loss", metrics["val_loss"], tr.step)
             w.add_scalar("val/accuracy", metrics["val_acc"], tr.step)
-        if self.cfg.confusion_every_epoch:
-            name, split = ("val", tr.data.val) if tr.data.val is not None and len(tr.data.val.y) else \
-                ("test", tr.data.test)
-            if len(split.y):
-                preds = getattr(tr, "val_preds", None) if name == "val" else None    # the trainer's own val pass
-                if preds is None or len(preds) != len(split.y):
-                    _, _, preds = tr.evaluate(split)
-                cm = confusion_matrix(split.y, preds, len(tr.data.classes))
-                w.add_image(f"confusion/{name}", confusion_image(cm, tr.data.classes), tr.step, dataformats="HWC")
+        if self.confusion:                      # from predictions the trainer made anyway: no extra pass
+            if tr.data.val is not None:
+                name, cm = "val", confusion_matrix(tr.data.val.y, tr.val_preds, len(tr.data.classes))
+            else:
+                name, cm = "train", self.train_confusion
+            w.add_image(f"confusion/{name}", confusion_image(cm, tr.data.classes), tr.step, dataformats="HWC")
+            self.train_confusion = np.zeros_like(self.train_confusion)
         w.flush()
 
     def on_train_end(self, tr, metrics):
@@ -226,12 +247,12 @@ class TensorBoardLogger(Callback):
             return
         t0 = time.perf_counter()
         self._close_run(tr, metrics)
-        self.seconds += time.perf_counter() - t0
+        self.end_seconds = time.perf_counter() - t0
         loop = max(sum(tr.history["epoch_seconds"]), 1e-9)
-        log.info("TensorBoard logging took %.2f s in its hooks: %.1f %% of the %.1f s training loop (the confusion "
-                 "matrix and final images included); without opening the event file once (%.2f s, imports "
-                 "included): %.1f %%", self.seconds, 100 * self.seconds / loop, loop, self.open_seconds,
-                 100 * (self.seconds - self.open_seconds) / loop)
+        log.info("TensorBoard logging took %.2f s in the training loop and at epoch ends: %.1f %% of the %.1f s "
+                 "training loop; once a run: %.2f s opening the event file (imports included), %.2f s for the final "
+                 "images and summaries", self.seconds, 100 * self.seconds / loop, loop, self.open_seconds,
+                 self.end_seconds)
 
     def _close_run(self, tr, metrics):
         w = self.w
@@ -239,6 +260,9 @@ class TensorBoardLogger(Callback):
             self._images(tr, tr.step)                                # every run shows its final state
         w.add_scalar("test/loss", metrics["test_loss"], tr.step)
         w.add_scalar("test/accuracy", metrics["test_acc"], tr.step)
+        if self.confusion and tr.test_preds is not None and len(tr.test_preds):
+            cm = confusion_matrix(tr.data.test.y, tr.test_preds, len(tr.data.classes))
+            w.add_image("confusion/test", confusion_image(cm, tr.data.classes), tr.step, dataformats="HWC")
         for tag in self.metric_tags:
             v = metrics.get(tag.split("/", 1)[1])
             if v is not None and math.isfinite(v):

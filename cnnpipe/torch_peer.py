@@ -22,7 +22,7 @@ def train_torch(cfg, run_dir) -> dict:
 
     from cnnpipe.data import batches, load_data, num_batches
     from cnnpipe.model import build_model
-    from cnnpipe.optim import lr_at
+    from cnnpipe.optim import LrSchedule
     from cnnpipe.torch_ref import torch_optimizer, torch_train_step, torch_twin
     tc, run_dir, dtype = cfg.trainer, Path(run_dir), np.dtype(cfg.dtype)
     torch.manual_seed(tc.seed)
@@ -33,6 +33,7 @@ def train_torch(cfg, run_dir) -> dict:
     opt = torch_optimizer(net, cfg.optim)
     spe = num_batches(len(data.train.y), tc.batch_size)
     total = tc.epochs * spe
+    lr_at = LrSchedule(cfg.optim, spe, total)
     writer = None
     if cfg.logger.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -50,7 +51,7 @@ def train_torch(cfg, run_dir) -> dict:
         t0 = time.perf_counter()
         for x, y in batches(data.train, tc.batch_size, mean=data.mean, std=data.std, dtype=dtype,
                             shuffle_seed=[tc.seed, epoch], augment=data.augment, crop_padding=data.crop_padding):
-            lr = lr_at(cfg.optim, step, spe, total)
+            lr = lr_at(step)
             r = torch_train_step(net, opt, x, y, lr)               # loss.item() and the accuracy read back
             step += 1
             loss_sum, correct, n = loss_sum + r.loss * r.n, correct + r.correct, n + r.n

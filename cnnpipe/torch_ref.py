@@ -63,4 +63,5 @@ def torch_train_step(net, opt, x: np.ndarray, y: np.ndarray, lr: float) -> StepR
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return StepResult(loss.item(), int((logits.argmax(1).numpy() == y).sum()), len(y))
+    preds = logits.argmax(1).numpy()
+    return StepResult(loss.item(), int((preds == y).sum()), len(y), labels=y, preds=preds)

@@ -21,7 +21,7 @@ from cnnpipe.early_stop import EarlyStoppingState, check_early_stopping
 from cnnpipe.evaluate import evaluate_split
 from cnnpipe.jsonio import write_json_atomic
 from cnnpipe.model import build_model
-from cnnpipe.optim import build_optimizer, lr_at
+from cnnpipe.optim import LrSchedule, build_optimizer
 from cnnpipe.rundir import check_writable
 from cnnpipe.step import Clip, EpochTotals, NonFiniteLoss, StepResult, train_step
 
@@ -70,6 +70,9 @@ class Trainer:
                  len(self.data.train.y), 0 if self.data.val is None else len(self.data.val.y), len(self.data.test.y))
         self.steps_per_epoch = num_batches(len(self.data.train.y), cfg.trainer.batch_size)
         self.total_steps = cfg.trainer.epochs * self.steps_per_epoch
+        self.lr_at = LrSchedule(cfg.optim, self.steps_per_epoch, self.total_steps)
+        # plain values for the per-step checks (a config node's attribute lookup costs microseconds)
+        self.max_steps, self.log_every = cfg.trainer.max_steps, int(cfg.trainer.log_every)
         # the position (a checkpoint saves it, with the parameters, optimizer state and RNGs)
         self.epoch, self.step, self.batch_in_epoch, self.best = 0, 0, 0, None
         self.history = {"train_loss": [], "train_acc": [], "val_loss": [], "val_acc": [], "epoch_seconds": []}
@@ -78,6 +81,7 @@ class Trainer:
         self.early_stopping = EarlyStoppingState()
         self.stopped_early = None                            # the reason, once early stopping ended the run
         self.val_preds = None                                # last validation predictions (confusion matrix)
+        self.test_preds = None                               # the final test's predictions
         self.stop_requested = None                           # a reason (e.g. "SIGTERM"): stop after this step
         self.resumed_from = None                             # the checkpoint this run continues (resume=)
         self.init_from = None                                # what init_from= loaded and skipped
@@ -94,7 +98,7 @@ class Trainer:
                             f"epoch {self.epoch + 1}/{tc.epochs}")
             mark = time.perf_counter()
             for x, y in it:                                                  # x N,C,H,W   y N
-                lr = lr_at(self.cfg.optim, self.step, self.steps_per_epoch, self.total_steps)
+                lr = self.lr_at(self.step)
                 result = self._step(x, y, lr)
                 self.clipped_steps += result.clipped
                 self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
@@ -137,7 +141,7 @@ class Trainer:
                 f"optim.lr, use dtype=float64, or check the data normalisation.")) from None
 
     def _report(self, bar, result: StepResult, lr: float):
-        every, t = self.cfg.trainer.log_every, self.totals
+        every, t = self.log_every, self.totals
         if self.step % every == 0:
             log.debug("step %d loss %.4f acc %.3f lr %.4g", self.step, result.loss, result.correct / result.n, lr)
         if bar is not None:
@@ -167,7 +171,7 @@ class Trainer:
         if self.batch_in_epoch:                              # stopped by max_steps inside an epoch
             self._end_epoch()
         tested_on = self.test_weights()
-        test_loss, test_acc = self._test(tested_on)
+        test_loss, test_acc, self.test_preds = self._test(tested_on)
         h, secs = self.history, sum(self.history["epoch_seconds"])
         metrics = {
             "test_acc": test_acc, "test_loss": test_loss,
@@ -198,14 +202,14 @@ class Trainer:
             return "last"
         return choice
 
-    def _test(self, weights: str) -> tuple[float, float]:
-        """Test loss and accuracy with the best or the last weights (the model keeps the last ones afterwards)."""
+    def _test(self, weights: str) -> tuple[float, float, np.ndarray]:
+        """Test loss, accuracy and predictions with the best or the last weights (the model keeps the last ones)."""
         if weights == "last":
-            return self.evaluate(self.data.test)[:2]
+            return self.evaluate(self.data.test)
         last = {k: v.copy() for k, v in self.model.named_params().items()}
         self.model.load_params(section(load_checkpoint(self.run_dir / "checkpoints" / "best.npz"), "param/"))
         try:
-            return self.evaluate(self.data.test)[:2]
+            return self.evaluate(self.data.test)
         finally:
             self.model.load_params(last)
 
@@ -215,7 +219,7 @@ class Trainer:
         return full * n + min(rest * bs, n)
 
     def _max_steps_reached(self):
-        return self.cfg.trainer.max_steps is not None and self.step >= self.cfg.trainer.max_steps
+        return self.max_steps is not None and self.step >= self.max_steps
 
     def evaluate(self, split):
         return evaluate_split(self.model, split, self.data, self.cfg.trainer.eval_batch_size)

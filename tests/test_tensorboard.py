@@ -80,16 +80,15 @@ def test_the_logger_reports_its_own_cost_in_train_log(tb_run):
     run_dir, tr, metrics, ea = tb_run
     logger = next(cb for cb in tr.callbacks if isinstance(cb, TensorBoardLogger))
     line = next(s for s in (run_dir / "train.log").read_text().splitlines() if "TensorBoard logging took" in s)
-    found = re.search(r"took ([\d.]+) s in its hooks: ([\d.]+) % of the ([\d.]+) s", line)
-    secs, pct, loop = map(float, found.groups())
+    found = re.search(r"took ([\d.]+) s in the training loop and at epoch ends: ([\d.]+) % of the ([\d.]+) s "
+                      r"training loop; once a run: ([\d.]+) s opening the event file .*, ([\d.]+) s for the final", line)
+    secs, pct, loop, opened, ended = map(float, found.groups())
     trained = sum(metrics["epoch_seconds"])
     assert logger.seconds > 0 and secs == pytest.approx(logger.seconds, abs=0.006)
     assert loop == pytest.approx(trained, abs=0.06)
     assert pct == pytest.approx(100 * logger.seconds / trained, abs=0.06)
-    found = re.search(r"event file once \(([\d.]+) s, imports included\): ([\d.]+) %", line)
-    opened, rest = map(float, found.groups())
-    assert 0 < logger.open_seconds < logger.seconds and opened == pytest.approx(logger.open_seconds, abs=0.006)
-    assert rest == pytest.approx(100 * (logger.seconds - logger.open_seconds) / trained, abs=0.06)
+    assert opened == pytest.approx(logger.open_seconds, abs=0.006) and logger.open_seconds > 0
+    assert ended == pytest.approx(logger.end_seconds, abs=0.006) and logger.end_seconds > 0
 
 
 def test_images_decode_and_delta_maps_are_not_blank(tb_run):
@@ -255,3 +254,16 @@ def test_a_real_tensorboard_server_serves_the_run(tb_run):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_without_validation_the_confusion_comes_from_training_predictions(compose_cfg, fashion_root, tmp_path):
+    """No validation split: confusion/train each epoch from the epoch's own training predictions, confusion/test
+    once at the end from the final test's predictions."""
+    ov = tiny_overrides(fashion_root, **{**TB_OVERRIDES, "data.val_size": "0", "logger.image_every": "0"})
+    tr, m = fit_with_logger(compose_cfg(ov), tmp_path)
+    ea = accumulate(tmp_path)
+    assert [e.step for e in ea.Images("confusion/train")] == [6, 12]
+    assert [e.step for e in ea.Images("confusion/test")] == [12]
+    assert "confusion/val" not in ea.Tags()["images"]
+    logger = next(cb for cb in tr.callbacks if isinstance(cb, TensorBoardLogger))
+    assert logger.train_confusion.sum() == 0                # reset after each epoch's image

@@ -60,15 +60,16 @@ def bare_epoch(cfg, data, step, budget_s: float | None) -> dict:
     """One epoch of step() over the trainer's batches, stopped at trainer.max_steps or after budget_s seconds
     (the epoch time is then extrapolated from the samples done)."""
     from cnnpipe.data import batches, num_batches
-    from cnnpipe.optim import lr_at
+    from cnnpipe.optim import LrSchedule
     tc = cfg.trainer
     spe = num_batches(len(data.train.y), tc.batch_size)
+    lr_at = LrSchedule(cfg.optim, spe, spe)
     cap = min(spe, tc.max_steps or spe)
     steps = seen = 0
     t0 = time.perf_counter()
     for x, y in batches(data.train, tc.batch_size, mean=data.mean, std=data.std, dtype=np.dtype(cfg.dtype),
                         shuffle_seed=[tc.seed, 0], augment=data.augment, crop_padding=data.crop_padding):
-        r = step(x, y, lr_at(cfg.optim, steps, spe, spe))
+        r = step(x, y, lr_at(steps))
         steps, seen = steps + 1, seen + r.n
         if steps >= cap or (budget_s and time.perf_counter() - t0 > budget_s):
             break

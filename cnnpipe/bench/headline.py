@@ -70,7 +70,7 @@ def summarize(c: Config, runs: dict[str, list[dict]], bare: dict[str, dict | Non
         shares = [r["tb_share"] for r in ok if "tb_share" in r]
         if shares:
             row["tb_share"] = statistics.median(shares)
-            row["tb_share_without_open"] = statistics.median(r["tb_share_without_open"] for r in ok if "tb_share" in r)
+            row["tb_once_seconds"] = statistics.median(r["tb_once_seconds"] for r in ok if "tb_share" in r)
         peer = {r["round"]: r for r in runs.get(PEER, []) if "error" not in r}
         ratios = [r["epoch_seconds"] / peer[r["round"]]["epoch_seconds"] for r in ok if r["round"] in peer]
         if ratios and b != PEER:

@@ -61,8 +61,7 @@ def runs_table(summaries: list[dict], t: dict, targeted: bool) -> str:
                 bare = f"{r['bare_epoch_seconds']:.2f}{'' if r['bare_full_epoch'] else '*'}"
                 overhead = f"{100 * r['overhead']:+.0f} %"
             if "tb_share" in r:
-                tb = f"{_pct(r['tb_share'])} ({_pct(r['tb_share_without_open'])}) " \
-                     f"{_check(r['tb_share'], t['logging_share'])}"
+                tb = f"{_pct(r['tb_share'])} (+{r['tb_once_seconds']:.2f} s) {_check(r['tb_share'], t['logging_share'])}"
             rss = f"{r['peak_rss_mb']:.0f}"
             limit = t["peak_rss_mb"].get(s["model"]) if targeted and b != "torch" else None
             if limit:
@@ -207,8 +206,9 @@ def render(rep: dict, explain: bool = True) -> str:
             f"PyTorch is the median of the rounds' paired ratios (range in brackets). The bare loop is "
             f"`cnnpipe.step.train_step` alone over the same batches (no callbacks; `python -m cnnpipe.bench.bare`, "
             f"once per configuration, stopped after a time budget and extrapolated where marked *), so trainer + "
-            f"logging is what the user's command adds. TensorBoard share: its hooks' time over the training loop "
-            f"from the run's train.log (in brackets: without opening the event file). Peak RSS: the process's "
+            f"logging is what the user's command adds. TensorBoard share: its hooks' time in the training loop and "
+            f"at the epochs' ends over the training loop, from the run's train.log (in brackets: once a run, "
+            f"outside the loop: opening the event file and the final images). Peak RSS: the process's "
             f"maximum resident set.")
     if "fashion" in rep:
         out += ["## Fashion-MNIST: one epoch of the user's command", ""] + ([what, ""] if explain else []) \

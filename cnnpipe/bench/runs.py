@@ -22,8 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 RESULT_TAG = "@@bench-result@@ "          # the internal harnesses (bare loop, kernels) print their JSON after it
 DATA_LINE = re.compile(r"data (\w+): train (\d+), val (\d+), test (\d+)")
-TB_LINE = re.compile(r"TensorBoard logging took ([\d.]+) s in its hooks: ([\d.]+) % of the ([\d.]+) s training loop"
-                     r".*?imports included\): ([\d.-]+) %")
+TB_LINE = re.compile(r"TensorBoard logging took ([\d.]+) s in the training loop and at epoch ends: ([\d.]+) % of the "
+                     r"([\d.]+) s training loop; once a run: ([\d.]+) s opening the event file .*?, ([\d.]+) s for")
 SCRIPTS = {"ours": "train.py", "torch": "torch_peer.py"}
 
 
@@ -103,7 +103,7 @@ def user_run(kind: str, overrides: list[str], workdir: Path, label: str, timeout
                test_acc=m["test_acc"], threads=m.get("threads"), val=int(data[3]) > 0)
     tb = TB_LINE.search(log)
     if tb:
-        row.update(tb_seconds=float(tb[1]), tb_share=float(tb[2]) / 100, tb_share_without_open=float(tb[4]) / 100)
+        row.update(tb_seconds=float(tb[1]), tb_share=float(tb[2]) / 100, tb_once_seconds=float(tb[4]) + float(tb[5]))
     if kind == "torch":
         row["logging_seconds"] = m.get("logging_seconds")
     return row
