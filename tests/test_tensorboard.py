@@ -81,7 +81,8 @@ def test_the_logger_reports_its_own_cost_in_train_log(tb_run):
     logger = next(cb for cb in tr.callbacks if isinstance(cb, TensorBoardLogger))
     line = next(s for s in (run_dir / "train.log").read_text().splitlines() if "TensorBoard logging took" in s)
     found = re.search(r"took ([\d.]+) s in the training loop and at epoch ends: ([\d.]+) % of the ([\d.]+) s "
-                      r"training loop; once a run: ([\d.]+) s opening the event file .*, ([\d.]+) s for the final", line)
+                      r"training loop; once a run: ([\d.]+) s opening the event file .*, ([\d.]+) s for the final",
+                      line)
     secs, pct, loop, opened, ended = map(float, found.groups())
     trained = sum(metrics["epoch_seconds"])
     assert logger.seconds > 0 and secs == pytest.approx(logger.seconds, abs=0.006)

@@ -61,7 +61,8 @@ def runs_table(summaries: list[dict], t: dict, targeted: bool) -> str:
                 bare = f"{r['bare_epoch_seconds']:.2f}{'' if r['bare_full_epoch'] else '*'}"
                 overhead = f"{100 * r['overhead']:+.0f} %"
             if "tb_share" in r:
-                tb = f"{_pct(r['tb_share'])} (+{r['tb_once_seconds']:.2f} s) {_check(r['tb_share'], t['logging_share'])}"
+                check = _check(r["tb_share"], t["logging_share"])
+                tb = f"{_pct(r['tb_share'])} (+{r['tb_once_seconds']:.2f} s) {check}"
             rss = f"{r['peak_rss_mb']:.0f}"
             limit = t["peak_rss_mb"].get(s["model"]) if targeted and b != "torch" else None
             if limit:
