@@ -1,4 +1,6 @@
-"""numpy backend: the readable reference kernels (DESIGN.md backend contract, rules 2-6).
+"""numpy backend: the fast readable kernels, im2col + GEMM (DESIGN.md backend contract, rules 2-6). The derivation's
+formulas spelled out literally are the reference backend's (cnnpipe/backends/reference.py); the tests check this
+one against it, against PyTorch and against finite differences.
 
 Dimension letters, fixed for the whole module:
     N batch, C input channels, F filters, H,W input size, K kernel size,
@@ -11,10 +13,8 @@ Dimension letters, fixed for the whole module:
 
 Convolution is im2col + GEMM: K² strided slice-copies gather every window into a buffer ordered
 (N, C,K,K, Ho,Wo), so one batched `W2d @ col` gives y as N,F,Ho,Wo with no transpose. Backward
-reuses the buffer: rule 5 is `δ @ colᵀ`, rule 4 is `col2im(W2dᵀ @ δ)` (K² strided slice-adds).
-`conv2d_backward_data_flipped` / `conv2d_backward_weight_reference` spell rules 4 and 5 out
-literally (flipped kernel, full convolution); the tests check the fast path against them.
-Everything stays in the input's dtype (float32 in, float32 out).
+reuses the buffer: rule 5 is `δ @ colᵀ`, rule 4 is `col2im(W2dᵀ @ δ)` (K² strided slice-adds), the
+transposed convolution, which equals rule 4's full convolution of δ with the flipped kernel. Everything stays in the input's dtype (float32 in, float32 out).
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def conv2d_backward(dy, cache, need_dx=True):
     """Rules 4 (without h'), 5, 6: dx = full conv of δ with the flipped kernel, dw = zeropad(x) ⋆ δ, db = Σδ.
 
     dx is computed as col2im(W2dᵀ @ δ), which is the same sum as rule 4's flipped-kernel full
-    convolution (see conv2d_backward_data_flipped). h'(a) is applied by the activation layer
+    convolution (the reference backend writes that one out). h'(a) is applied by the activation layer
     (rule 7). need_dx=False skips rule 4 and returns dx=None (the first layer needs no input δ).
     """
     (N, C, H, W), (Hp, Wp), w2d, K, S, P, col, xp = cache
@@ -130,47 +130,6 @@ def conv2d_backward(dy, cache, need_dx=True):
         dxp = dxps[0] if len(dxps) == 1 else np.concatenate(dxps)  # N,C,Hp,Wp
         dx = np.ascontiguousarray(dxp[:, :, P:P + H, P:P + W])  # N,C,H,W
     return dx, dw.reshape(F, C, K, K), db
-
-
-def _correlate_valid(a, k):
-    """out[n,c] = Σ_f valid-correlate(a[n,f], k[c,f]); a N,F,Ha,Wa  k C,F,Kh,Kw -> N,C,Ha-Kh+1,Wa-Kw+1."""
-    N, F, Ha, Wa = a.shape
-    C, _, Kh, Kw = k.shape
-    Ho, Wo = Ha - Kh + 1, Wa - Kw + 1
-    out = np.zeros((N, C, Ho, Wo), dtype=np.result_type(a, k))
-    for i in range(Kh):
-        for j in range(Kw):
-            out += np.einsum("nfhw,cf->nchw", a[:, :, i:i + Ho, j:j + Wo], k[:, :, i, j])
-    return out
-
-
-def _dilate(dy, S):
-    """Put δ back on the stride grid: (Ho-1)*S+1 wide, zeros between the samples."""
-    N, F, Ho, Wo = dy.shape
-    d = np.zeros((N, F, (Ho - 1) * S + 1, (Wo - 1) * S + 1), dtype=dy.dtype)
-    d[:, :, ::S, ::S] = dy
-    return d
-
-
-def conv2d_backward_data_flipped(dy, w, x_shape, stride=1, pad=0):
-    """Rule 4, literally: dilate δ by the stride, zero-pad by K-1, valid-correlate with the kernel
-    flipped horizontally and vertically (channels swapped), crop the padding. Slow; a test oracle."""
-    N, C, H, W = x_shape
-    F, _, K, _ = w.shape
-    S, P = int(stride), int(pad)
-    delta = _zeropad(_dilate(dy, S), K - 1)  # N,F,(Ho-1)S+2K-1,(Wo-1)S+2K-1
-    flip = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # C,F,K,K   fliplr(flipud(w)), channels swapped
-    full = _correlate_valid(delta, flip)  # N,C,(Ho-1)S+K,(Wo-1)S+K
-    dxp = np.zeros((N, C, H + 2 * P, W + 2 * P), dtype=dy.dtype)  # N,C,Hp,Wp; rows/cols no window reached stay 0
-    dxp[:, :, :full.shape[2], :full.shape[3]] = full
-    return dxp[:, :, P:P + H, P:P + W]  # N,C,H,W
-
-
-def conv2d_backward_weight_reference(dy, x, K, stride=1, pad=0):
-    """Rule 5, literally: dw[f,c] = Σ_n valid-correlate(zeropad(x[n,c]), dilated δ[n,f]), first K×K."""
-    xp = _zeropad(x, int(pad)).transpose(1, 0, 2, 3)  # C,N,Hp,Wp   (samples play the summed axis)
-    delta = _dilate(dy, int(stride)).transpose(1, 0, 2, 3)  # F,N,(Ho-1)S+1,(Wo-1)S+1
-    return _correlate_valid(xp, delta)[:, :, :K, :K].transpose(1, 0, 2, 3)  # F,C,K,K
 
 
 # ----------------------------------------------------------------------------- pooling
