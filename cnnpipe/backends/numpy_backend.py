@@ -14,7 +14,8 @@ Dimension letters, fixed for the whole module:
 Convolution is im2col + GEMM: K² strided slice-copies gather every window into a buffer ordered
 (N, C,K,K, Ho,Wo), so one batched `W2d @ col` gives y as N,F,Ho,Wo with no transpose. Backward
 reuses the buffer: rule 5 is `δ @ colᵀ`, rule 4 is `col2im(W2dᵀ @ δ)` (K² strided slice-adds), the
-transposed convolution, which equals rule 4's full convolution of δ with the flipped kernel. Everything stays in the input's dtype (float32 in, float32 out).
+transposed convolution, which equals rule 4's full convolution of δ with the flipped kernel. Everything stays
+in the input's dtype (float32 in, float32 out).
 """
 from __future__ import annotations
 
