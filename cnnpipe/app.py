@@ -13,6 +13,7 @@ from pathlib import Path
 from cnnpipe import ConfigError
 from cnnpipe.checkpoint import Checkpointer, checkpoint_arrays, load_checkpoint, run_dir_of, save_atomic
 from cnnpipe.early_stop import EarlyStopping
+from cnnpipe.governor import ThreadGovernor
 from cnnpipe.metrics import optimized_metric
 from cnnpipe.resume import init_from_checkpoint, restore, resume_config
 from cnnpipe.rundir import check_writable
@@ -42,6 +43,10 @@ def make_trainer(cfg, run_dir, overrides: list[str] | None = None) -> Trainer:
     if cfg.init_from:
         trainer.init_from = init_from_checkpoint(trainer, load_checkpoint(cfg.init_from), strict=cfg.init_from_strict,
                                                  optimizer=cfg.init_from_optimizer)
+    numba = getattr(trainer.backend, "numba", None)         # numba only: its results do not depend on the count
+    if cfg.backend.adapt_threads and numba is not None and trainer.threads > 1:
+        budget = min(trainer.threads, numba.config.NUMBA_NUM_THREADS)
+        trainer.callbacks.append(ThreadGovernor(numba, budget).attach(trainer))
     if cfg.trainer.early_stopping.patience is not None:          # before the checkpointer: it saves the count
         trainer.callbacks.append(EarlyStopping(cfg.trainer.early_stopping))
     if cfg.checkpoint.enabled:

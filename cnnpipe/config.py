@@ -53,7 +53,8 @@ class PoolConf:
 @dataclass
 class BackendConf:
     name: str = "numpy"
-    threads: Optional[int] = None       # None: all cores
+    threads: Optional[int] = None       # None: the cores this process was given (cnnpipe/backends/cores.py)
+    adapt_threads: bool = True          # numba: fewer threads while another process holds a core (governor.py)
 
 
 @dataclass

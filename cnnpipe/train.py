@@ -85,6 +85,7 @@ class Trainer:
         self.stop_requested = None                           # a reason (e.g. "SIGTERM"): stop after this step
         self.resumed_from = None                             # the checkpoint this run continues (resume=)
         self.init_from = None                                # what init_from= loaded and skipped
+        self.thread_changes = []                             # (step, threads): the thread governor's choices
         self.callbacks: list[Callback] = []
 
     # -- the loop -------------------------------------------------------------------------------------------
@@ -185,6 +186,7 @@ class Trainer:
             "dtype": self.cfg.dtype, "model": self.cfg.model.name, "dataset": self.data.name,
             "history": h, "best": self.best, "resumed_from": self.resumed_from, "init_from": self.init_from,
             "test_checkpoint": tested_on, "stopped_early": self.stopped_early, "clipped_steps": self.clipped_steps,
+            "thread_changes": self.thread_changes,
         }
         log.info("test (%s weights): loss %.4f, accuracy %.4f", tested_on, test_loss, test_acc)
         write_json_atomic(self.run_dir / "metrics.json", metrics)

@@ -20,7 +20,7 @@ from kernel_oracle import (  # noqa: E402
 
 import cnnpipe.backends.numba as B  # noqa: E402
 from cnnpipe import ConfigError  # noqa: E402
-from cnnpipe.backends import get_backend  # noqa: E402
+from cnnpipe.backends import get_backend, set_threads  # noqa: E402
 from cnnpipe.backends import numpy_backend as REF  # noqa: E402
 from cnnpipe.backends.numba import conv, dense, optim, pool, runtime  # noqa: E402
 
@@ -135,6 +135,32 @@ def test_need_dx_false_skips_rule4_only(dtype):
     assert dx0 is None and dx1.shape == x.shape
     np.testing.assert_array_equal(dw0, dw1)
     np.testing.assert_array_equal(db0, db1)
+
+
+@pytest.mark.skipif(os.cpu_count() < 2, reason="needs two cores")
+def test_the_same_bits_whatever_the_threads_running_now():
+    """Work is cut by the run's thread budget, not by the threads running now, so the thread governor may drop to
+    one thread mid-run without changing a bit: every kernel gives the same arrays with 2 threads and with 1."""
+    x, w, b, dy, S, P = _conv_data((2, 6, 14, 14, 16, 5, 1, 2), np.float32, seed=5)   # one chunk by size
+    rng = np.random.default_rng(2)
+    a, m = rng.standard_normal((64, 3136)).astype(np.float32), rng.standard_normal((3136, 300)).astype(np.float32)
+    p0, g = rng.standard_normal(1 << 17).astype(np.float32), rng.standard_normal(1 << 17).astype(np.float32)
+    set_threads(2, "numba")
+
+    def everything():
+        y, c = B.conv2d_forward(x, w, b, stride=S, pad=P)
+        q, qc = B.pool2d_forward(y, 2, 2, "max")
+        p, v = p0.copy(), np.zeros_like(p0)
+        B.sgd_update(p, g, v, 0.1, 0.9, False, 1e-4, first=True)
+        return (y, *B.conv2d_backward(dy, c), q, B.pool2d_backward(q, qc), B.matmul(a, m), p, v)
+    try:
+        both = everything()
+        B.numba.set_num_threads(1)                   # what the governor does
+        one = everything()
+    finally:
+        set_threads(None, "numba")
+    for r2, r1 in zip(both, one):
+        np.testing.assert_array_equal(r2, r1)
 
 
 @pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["default-chunks", "one-sample-chunks"])

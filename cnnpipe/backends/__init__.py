@@ -103,4 +103,7 @@ def set_threads(n: int | None, backend: str | None = None) -> int:
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     except ImportError:
         pass
+    if backend == "numba":
+        from cnnpipe.backends.numba.runtime import set_parts
+        set_parts(min(n, import_numba().config.NUMBA_NUM_THREADS))
     return n

@@ -15,10 +15,10 @@ from cnnpipe.backends.numba.runtime import (
     contiguous,
     give_back,
     lease,
+    parts,
     register,
     scratch,
     single_blas,
-    workers,
 )
 from cnnpipe.shapes import out_size
 
@@ -175,8 +175,8 @@ def _zeropad(x, pad, xp):
 
 def _chunks(N, bytes_per_sample):
     """Chunk bounds over range(N): chunks of at most COL_CHUNK_BYTES of columns each, and at least one per
-    thread (a multiple of the thread count where the batch allows). Returns int64 [0, ..., N]."""
-    T = workers()
+    thread of the run's budget (a multiple of it where the batch allows). Returns int64 [0, ..., N]."""
+    T = parts()
     count = max(-(-N * bytes_per_sample // COL_CHUNK_BYTES), 1)
     count = min(N, -(-count // T) * T)
     nb = -(-N // count)

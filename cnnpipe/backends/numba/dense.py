@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange  # after runtime: numba's threading layer is chosen there
 
-from cnnpipe.backends.numba.runtime import register, single_blas, workers
+from cnnpipe.backends.numba.runtime import parts, register, single_blas
 
 MATMUL_SPLIT_FLOPS = 2e7  # below this a product runs in one call in the calling thread (docs/numba.md)
 
@@ -18,21 +18,22 @@ def _matmul_rows(a, b, bounds, out):
 
 
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a @ b for the dense layers (forward x Wᵀ, backward δᵀx and δW): the rows of `a` split over numba's T
-    threads, each with single-threaded BLAS. Letting OpenBLAS thread these itself would leave its workers
-    spinning (OPENBLAS_THREAD_TIMEOUT) on the cores that the next numba parallel region needs; every output
-    row is one thread's sgemm, so the result is deterministic."""
+    """a @ b for the dense layers (forward x Wᵀ, backward δᵀx and δW): the rows of `a` cut into one block per
+    thread of the run's budget (runtime.parts), each block one single-threaded sgemm on numba's threads. Letting
+    OpenBLAS thread these itself would leave its workers spinning (OPENBLAS_THREAD_TIMEOUT) on the cores that the
+    next numba parallel region needs; the blocks do not depend on the threads running now, so neither do the
+    bits of the result."""
     M, K = a.shape                                       # a M,K (any strides, e.g. δᵀ)
     N = b.shape[1]                                       # b K,N
     out = np.empty((M, N), np.result_type(a, b))         # M,N (fresh)
     a = a if a.dtype == out.dtype else a.astype(out.dtype)
     b = b if b.dtype == out.dtype else b.astype(out.dtype)
-    if 2.0 * M * N * K < MATMUL_SPLIT_FLOPS or workers() == 1:
+    if 2.0 * M * N * K < MATMUL_SPLIT_FLOPS or parts() == 1:
         with single_blas():                              # one call in the calling thread
             return np.dot(a, b, out=out)
     a = np.ascontiguousarray(a)                          # e.g. δᵀ: the row blocks must be contiguous
     b = b if b.flags.c_contiguous or b.flags.f_contiguous else np.ascontiguousarray(b)
-    T = min(workers(), M)
+    T = min(parts(), M)
     with single_blas():
         _matmul_rows(a, b, np.array([r * M // T for r in range(T + 1)], np.int64), out)
     return out

@@ -42,8 +42,23 @@ def warmup(dtype: np.dtype | type = np.float32) -> None:
 # threads and BLAS
 
 def workers() -> int:
-    """The thread budget: numba's thread count, as set by cnnpipe.backends.set_threads."""
+    """The threads that run now: numba's thread count (cnnpipe.backends.set_threads; the trainer's thread
+    governor may lower it while another process holds a core)."""
     return max(1, numba.get_num_threads())
+
+
+_parts = [0]
+
+
+def set_parts(n: int) -> None:
+    """The run's thread budget: work is cut into parts by it, not by the threads running now, so that the results
+    are the same bits whatever the governor does with the thread count."""
+    _parts[0] = max(1, int(n))
+
+
+def parts() -> int:
+    """How many parts a kernel cuts its work into (set_parts; without it, the threads running now)."""
+    return _parts[0] or workers()
 
 
 _BLAS = None
