@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import make_fashion_root, run_script, tiny_overrides
 
 from cnnpipe.governor import FIRST_TRIAL, SETTLE, WINDOW, ThreadGovernor
-from conftest import make_fashion_root, run_script, tiny_overrides
 
 TWO_CORES = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
 
