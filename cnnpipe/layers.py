@@ -169,13 +169,17 @@ class Pool2d(Layer):
 class ReLU(Layer):
     kind = "relu"
 
+    def build(self, in_shape: tuple[int, ...], backend: Backend, rng: np.random.Generator, dtype) -> tuple[int, ...]:
+        self.B = backend
+        return super().build(in_shape, backend, rng, dtype)
+
     def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
-        self.mask = x > 0
-        return x * self.mask
+        self.y = self.B.relu_forward(x)                              # max(a, 0)
+        return self.y
 
     def backward(self, delta: np.ndarray) -> np.ndarray | None:
         """Rule 7: multiply δ by h'(a) = [a > 0]."""
-        return delta * self.mask
+        return self.B.relu_backward(delta, self.y)
 
 
 class Tanh(Layer):

@@ -1,6 +1,8 @@
 """numba backend vs the numpy reference and torch autograd; determinism, fresh outputs, dtypes, caching."""
+import importlib
 import json
 import os
+import pkgutil
 import subprocess
 import sys
 
@@ -22,7 +24,7 @@ import cnnpipe.backends.numba as B  # noqa: E402
 from cnnpipe import ConfigError  # noqa: E402
 from cnnpipe.backends import get_backend, set_threads  # noqa: E402
 from cnnpipe.backends import numpy_backend as REF  # noqa: E402
-from cnnpipe.backends.numba import conv, dense, optim, pool, runtime  # noqa: E402
+from cnnpipe.backends.numba import conv, dense, optim, runtime  # noqa: E402
 
 CONV_CASES = [
     (2, 3, 8, 8, 4, 3, 1, 1),    # odd K, "same" padding
@@ -226,8 +228,8 @@ def _registered(inner=True):
 def test_every_kernel_is_registered_and_compiled_with_cache_true():
     from numba.core.caching import NullCache
     from numba.core.registry import CPUDispatcher
-    defined = {v for m in (conv, dense, optim, pool, runtime) for v in vars(m).values()
-               if isinstance(v, CPUDispatcher)}
+    modules = [importlib.import_module(f"{B.__name__}.{m.name}") for m in pkgutil.iter_modules(B.__path__)]
+    defined = {v for m in modules for v in vars(m).values() if isinstance(v, CPUDispatcher)}
     kernels = _registered()
     assert set(kernels) == defined and len(kernels) == len(defined) >= 17    # each registered once
     for k in kernels:
@@ -265,7 +267,8 @@ def test_backend_numba_is_this_package_with_exactly_the_contract():
     """backend=numba gets this package; it exports the kernels of the contract, warmup and numba, nothing else."""
     assert get_backend("numba") is B
     assert sorted(B.__all__) == sorted(["conv2d_forward", "conv2d_backward", "pool2d_forward", "pool2d_backward",
-                                        "matmul", "sgd_update", "adam_update", "warmup", "numba"])
+                                        "relu_forward", "relu_backward", "matmul", "sgd_update", "adam_update",
+                                        "warmup", "numba"])
     assert all(callable(getattr(B, name)) for name in B.__all__ if name != "numba")
     import numba
     assert B.numba is numba                              # the trainer logs B.numba.threading_layer()
@@ -389,3 +392,17 @@ def test_optimizer_updates_agree_with_numpy_in_float32(opt, n):
     for a, r in zip(ours, ref):
         np.testing.assert_allclose(a, r, rtol=2e-6, atol=1e-7)
     assert not np.array_equal(ours[0], p0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(3, 5), (64, 6, 28, 28)], ids=["serial", "split"])
+def test_relu_agrees_with_numpy(dtype, shape):
+    """Rule 7 for ReLU: max(x, 0) forward, δ where y > 0 backward; exact zeros and NaN as numpy has them."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(dtype)
+    x.reshape(-1)[:3] = (0.0, -0.0, np.nan)
+    delta = rng.standard_normal(shape).astype(dtype)
+    y = B.relu_forward(x)
+    np.testing.assert_array_equal(y, REF.relu_forward(x))
+    np.testing.assert_array_equal(B.relu_backward(delta, y), REF.relu_backward(delta, REF.relu_forward(x)))
+    assert y.dtype == dtype and y.shape == shape

@@ -185,8 +185,8 @@ def test_chunked_im2col_matches_single_chunk(monkeypatch, stride):
 @pytest.mark.parametrize("name", sorted(BACKENDS))
 def test_every_registered_backend_implements_the_contract(name):
     backend = get_backend(name)
-    for fn in ("conv2d_forward", "conv2d_backward", "pool2d_forward", "pool2d_backward", "matmul", "sgd_update",
-               "adam_update"):
+    for fn in ("conv2d_forward", "conv2d_backward", "pool2d_forward", "pool2d_backward", "relu_forward",
+               "relu_backward", "matmul", "sgd_update", "adam_update"):
         assert callable(getattr(backend, fn)), (name, fn)
     assert (backend is B) == (name == "numpy")
 

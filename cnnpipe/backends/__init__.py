@@ -7,9 +7,11 @@ Contract (DESIGN.md), on C-contiguous float32/float64 arrays, output dtype follo
     y, cache   = B.pool2d_forward(x, size=2, stride=2, mode="max")   # "max" | "mean"
     dx         = B.pool2d_backward(dy, cache)                        # rules 2, 3
 
-Beyond DESIGN.md, so that the numba backend owns every compute thread of a step: the dense layers' product and
-the optimizers' element-wise updates (numpy spells them out; numba splits or fuses them):
+Beyond DESIGN.md, so that the numba backend owns every compute thread of a step: ReLU, the dense layers' product
+and the optimizers' element-wise updates (numpy spells them out; numba splits or fuses them):
 
+    y          = B.relu_forward(x)                                   # max(x, 0)
+    dx         = B.relu_backward(delta, y)                           # rule 7: δ where y > 0
     out        = B.matmul(a, b)                                      # a @ b
     B.sgd_update(p, g, v, lr, momentum, nesterov, weight_decay, first)   # in place, PyTorch's formula
     B.adam_update(p, g, m, v, lr, b1, b2, eps, weight_decay, t)          # in place, PyTorch's formula
@@ -41,6 +43,10 @@ class Backend(Protocol):
                        mode: str = "max") -> tuple[np.ndarray, Any]: ...      # y N,C,Ho,Wo, cache
 
     def pool2d_backward(self, dy: np.ndarray, cache: Any) -> np.ndarray: ...  # dx N,C,H,W (rules 2, 3)
+
+    def relu_forward(self, x: np.ndarray) -> np.ndarray: ...
+
+    def relu_backward(self, delta: np.ndarray, y: np.ndarray) -> np.ndarray: ...
 
     def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray: ...
 

@@ -180,6 +180,18 @@ def pool2d_backward(dy, cache):
     return dx
 
 
+# ----------------------------------------------------------------------------- activations
+
+def relu_forward(x):
+    """y = max(x, 0)."""
+    return np.maximum(x, 0)
+
+
+def relu_backward(delta, y):
+    """Rule 7: δ times h'(a) = [a > 0], read off the forward output y (y > 0 exactly where a > 0)."""
+    return delta * (y > 0)
+
+
 # ----------------------------------------------------------------------------- dense layers
 
 def matmul(a, b):

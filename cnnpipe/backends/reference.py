@@ -26,7 +26,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cnnpipe.backends.numpy_backend import adam_update, matmul, sgd_update  # noqa: F401  (the contract's rest)
+from cnnpipe.backends.numpy_backend import (  # noqa: F401  (the contract's rest)
+    adam_update,
+    matmul,
+    relu_backward,
+    relu_forward,
+    sgd_update,
+)
 from cnnpipe.shapes import conv_output, pool_output
 
 # ----------------------------------------------------------------------------- the slides' vocabulary

@@ -1,5 +1,5 @@
-"""numba backend: the fast kernels. The numpy backend is the readable reference; this one must agree with it
-(float64 ~1e-10, float32 ~1e-5) and is tested against it and PyTorch (tests/test_backend_numba.py). Why it is
+"""numba backend: the fast kernels. They must agree with the numpy backend (float64 ~1e-10, float32 ~1e-5) and
+are tested against it and PyTorch (tests/test_backend_numba.py). Why it is
 built this way, with the measurements behind each choice: docs/numba.md.
 
 Letters: N batch, C input channels, F filters, H,W input size, K kernel, S stride, Ho,Wo output size,
@@ -19,6 +19,7 @@ oversubscription and no Python between the steps of a layer.
 - pools (pool.py): direct loops, prange over (n, c) planes, so threads write disjoint memory.
 - dense layers (dense.py, matmul): row blocks of the product, one np.dot each, in one parallel region; small
   products run in one call in the calling thread.
+- ReLU (activation.py): one parallel pass forward (max(x, 0)) and one backward (δ where y > 0).
 - optimizer updates (optim.py): one fused pass per parameter, split over the threads for large parameters.
 - runtime.py: the thread budget, BLAS pinning, reused work buffers (returned arrays are always fresh), input
   checks, and the registry of every kernel, which warmup() and the tests read.
@@ -26,23 +27,25 @@ oversubscription and no Python between the steps of a layer.
 Adding a kernel:
 1. @njit(cache=True) (parallel=True for a prange kernel, nogil=True for a serial one), so a second process
    loads it from the disk cache instead of compiling it.
-2. Never read numba's thread count (numba.get_num_threads) inside a kernel: pass T in from runtime.workers().
-   A kernel that reads it compiles and runs, but silently stops being cached.
+2. Never read numba's thread count (numba.get_num_threads) inside a kernel: pass the number of parts in, from
+   runtime.parts() (the run's thread budget). A kernel that reads it compiles and runs, but silently stops being
+   cached; and cutting work by the threads running now would make results depend on the thread governor.
 3. Register it: runtime.register(__name__, kernels, warm, inner) at the end of its module, with a warm(dtype)
    that calls it (inner: kernels called only from other kernels; they compile with their callers). The tests
    fail for a kernel missing from the registry or not warmed up.
 4. A GEMM (np.dot) inside a parallel region runs under runtime.single_blas(), so BLAS does not add its own
    threads to numba's.
 5. Parallel loops write disjoint outputs; reductions run in one fixed order (per-chunk partials summed in chunk
-   order), so results are deterministic for a fixed thread count.
+   order) over parts cut by runtime.parts(), so the results are the same bits whatever threads run them.
 """
 from __future__ import annotations
 
+from cnnpipe.backends.numba.activation import relu_backward, relu_forward
 from cnnpipe.backends.numba.conv import conv2d_backward, conv2d_forward
 from cnnpipe.backends.numba.dense import matmul
 from cnnpipe.backends.numba.optim import adam_update, sgd_update
 from cnnpipe.backends.numba.pool import pool2d_backward, pool2d_forward
 from cnnpipe.backends.numba.runtime import numba, warmup
 
-__all__ = ["conv2d_forward", "conv2d_backward", "pool2d_forward", "pool2d_backward", "matmul", "sgd_update",
-           "adam_update", "warmup", "numba"]
+__all__ = ["conv2d_forward", "conv2d_backward", "pool2d_forward", "pool2d_backward", "relu_forward", "relu_backward",
+           "matmul", "sgd_update", "adam_update", "warmup", "numba"]
