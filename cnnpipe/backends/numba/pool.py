@@ -23,28 +23,25 @@ class PoolCache(NamedTuple):
 
 @njit(parallel=True, cache=True)
 def _maxpool_forward(x, R, S, y, arg):
-    """y = max over each R×R window; arg = row-major offset i*R+j of the first max in the window."""
-    N, C, H, W = x.shape                      # x N,C,H,W
-    _, _, Ho, Wo = y.shape                    # y, arg N,C,Ho,Wo
+    """y = max over each R×R window; arg = row-major offset i*R+j of its winner: the first maximum (strictly
+    greater takes over), or a NaN, which wins wherever it is (NaN propagates, as in PyTorch). The comparison
+    picks with selects, not branches: random data would mispredict every other one."""
+    N, C, Ho, Wo = y.shape                    # y, arg N,C,Ho,Wo; x N,C,H,W
     for r in prange(N * C):
         n, c = r // C, r % C
+        xp, yp, ap = x[n, c], y[n, c], arg[n, c]
         for ho in range(Ho):
-            yrow = y[n, c, ho]                # Wo: running max over the window offsets, row at a time
-            arow = arg[n, c, ho]              # Wo
-            first = x[n, c, ho * S, 0:(Wo - 1) * S + 1:S]
             for wo in range(Wo):
-                yrow[wo] = first[wo]
-                arow[wo] = 0
-            for o in range(1, R * R):         # row-major offsets; strict > keeps the first max
-                i = o // R
-                j = o % R
-                src = x[n, c, ho * S + i, j:j + (Wo - 1) * S + 1:S]
-                for wo in range(Wo):
-                    v = src[wo]
-                    best = yrow[wo]
-                    if v > best or (v != v and best == best):  # first NaN wins, like np.argmax
-                        yrow[wo] = v
-                        arow[wo] = o
+                h0, w0 = ho * S, wo * S
+                best, k = xp[h0, w0], 0
+                for i in range(R):
+                    for j in range(R):
+                        v = xp[h0 + i, w0 + j]
+                        take = (v > best) | (v != v)
+                        best = v if take else best
+                        k = i * R + j if take else k
+                yp[ho, wo] = best
+                ap[ho, wo] = k
 
 
 @njit(parallel=True, cache=True)
