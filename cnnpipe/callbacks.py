@@ -5,28 +5,26 @@ It may read the trainer's model, config, data and position (epoch, step), and as
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from cnnpipe.step import StepResult
-    from cnnpipe.train import Trainer
+from cnnpipe.step import StepResult
 
 
 class Callback:
-    def on_train_start(self, tr: Trainer) -> None:
+    """`tr` in every hook is the cnnpipe.train.Trainer running the loop."""
+
+    def on_train_start(self, tr) -> None:
         """Before the first step of this process (tr.step > 0 for a resumed run)."""
 
-    def on_after_backward(self, tr: Trainer, step: int, lr: float) -> None:
+    def on_after_backward(self, tr, step: int, lr: float) -> None:
         """Step number `step` (1-based) has fresh gradients; the optimizer has not updated the parameters yet."""
 
-    def on_step_end(self, tr: Trainer, step: int, result: StepResult, lr: float, seconds: float) -> None:
+    def on_step_end(self, tr, step: int, result: StepResult, lr: float, seconds: float) -> None:
         """After the optimizer step; `seconds` is the wall time since the previous step ended (batch included)."""
 
-    def on_epoch_end(self, tr: Trainer, metrics: dict) -> None:
+    def on_epoch_end(self, tr, metrics: dict) -> None:
         """After the epoch's validation; tr.epoch already counts the epoch."""
 
-    def on_interrupt(self, tr: Trainer) -> None:
+    def on_interrupt(self, tr) -> None:
         """A stop was requested (signal) and the step in progress has finished."""
 
-    def on_train_end(self, tr: Trainer, metrics: dict) -> None:
+    def on_train_end(self, tr, metrics: dict) -> None:
         """After the test evaluation; `metrics` is what metrics.json holds."""
