@@ -48,7 +48,7 @@ SKIPS = {
                "on a local Ray",
     "suite": "the test suite itself: CI runs make test and make test-cluster (make test inside make test would "
              "recurse)",
-    "bench": "the full benchmark takes ~25 min on an idle machine; the --quick line runs here",
+    "bench": "the full benchmark takes ~20 min on an idle machine (docs/bench); the --quick line runs here",
     "pip": "make setup installs every extra (.[test,sweep,ray,export])",
 }
 
