@@ -63,7 +63,7 @@ class DataConf:
     root: str = "data"
     download: bool = True
     mirror: Optional[str] = None
-    verify: bool = True                 # false: files already in data.root load without torchvision's md5 check
+    verify: bool = True                 # false: files in data.root and data.mirror load without md5 check
     val_size: int = 5000
     limit_train: Optional[int] = None
     limit_test: Optional[int] = None

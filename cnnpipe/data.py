@@ -12,7 +12,8 @@ Where the files come from, in this order (the first that works wins; `DataBundle
      the files in `data.root` (a modified or synthetic copy in CIFAR's format), with a warning naming the folder;
   2. offline copies: Debian's package folder (`/usr/share/datasets/fashion-mnist`, from `apt install
      dataset-fashion-mnist`) and the user's `data.mirror` folder of the original archives (also the archives
-     a previous download left in `root`). Each archive is checked against torchvision's own md5 sums, then
+     a previous download left in `root`). Each archive is checked against torchvision's own md5 sums (a
+     mirror's not with `data.verify=false`: archives the user made, with a warning naming the folder), then
      extracted where torchvision expects it, and torchvision's loader reads it with download=False;
   3. torchvision's own download (data.download=true), with a short socket timeout;
   4. otherwise a ConfigError that lists every place looked and how to fix it.
@@ -228,10 +229,15 @@ def _open(name, cls, root, mirror, download, verify=True):
         return (*got, where)
     looked.append(f"{where} (data.root): {got}")
 
-    for label, path, fill in _offline_copies(name, cls, root, mirror, looked):
+    for label, path, fill in _offline_copies(name, cls, root, mirror, looked, verify):
         problem = _install(root, fill)
-        got = _load(cls, root) if problem is None else problem
+        unchecked = not verify and label == "mirror"
+        loader = _without_md5(cls) if unchecked and hasattr(cls, "tgz_md5") else cls
+        got = _load(loader, root) if problem is None else problem
         if not isinstance(got, str):
+            if unchecked:
+                log.warning("data.verify=false: the %s archives in %s were used without torchvision's md5 check; "
+                            "they may not be the original %s", name, path, cls.__name__)
             log.info("%s: copied %s from %s into %s", name, cls.__name__, path, where)
             return (*got, f"{label} {path}")
         looked.append(f"{label} {path}: {got}")
@@ -322,8 +328,9 @@ def _socket_timeout(seconds):
         socket.setdefaulttimeout(old)
 
 
-def _offline_copies(name, cls, root, mirror, looked):
-    """Yield (label, folder, fill) for each local folder holding a complete, checked set of archives.
+def _offline_copies(name, cls, root, mirror, looked, verify=True):
+    """Yield (label, folder, fill) for each local folder holding a complete, checked set of archives (a mirror's
+    only checked for presence when verify is false).
 
     Folders that exist but fail a check are reported in `looked`, with the file's name and the reason.
     """
@@ -350,7 +357,12 @@ def _offline_copies(name, cls, root, mirror, looked):
             if label == "debian package":
                 looked.append(f"debian package {folder}: not installed")
             continue
-        check = _debian_problem if label == "debian package" else _md5_problem
+        if label == "debian package":
+            check = _debian_problem
+        elif label == "mirror" and not verify:
+            check = _missing_problem
+        else:
+            check = _md5_problem
         if hasattr(cls, "tgz_md5"):
             result = _cifar_fill(cls, folder, check)
         else:
@@ -385,7 +397,7 @@ def _idx_fill(cls, folder, check):
 
 def _cifar_fill(cls, folder, check):
     """CIFAR: the python tarball (checked against tgz_md5) extracted into the stage; or an extracted folder."""
-    from torchvision.datasets.utils import check_integrity, extract_archive
+    from torchvision.datasets.utils import extract_archive
     tgz = os.path.join(folder, cls.filename)
     if os.path.isfile(tgz):
         problem = check(tgz, cls.tgz_md5)
@@ -395,14 +407,20 @@ def _cifar_fill(cls, folder, check):
     if os.path.basename(folder) != cls.base_folder or not os.path.isfile(os.path.join(folder, files[0][0])):
         return ""
     for f, md5 in files:
-        if not check_integrity(os.path.join(folder, f), md5):
-            return _md5_problem(os.path.join(folder, f), md5) or f"missing {f}"
+        problem = check(os.path.join(folder, f), md5)
+        if problem:
+            return problem
 
     def fill(stage):
         os.makedirs(os.path.join(stage, cls.base_folder))
         for f, _ in files:
             shutil.copyfile(os.path.join(folder, f), os.path.join(stage, cls.base_folder, f))
     return fill
+
+
+def _missing_problem(path, expected):
+    """None if the file exists (data.verify=false: its md5 is not compared)."""
+    return None if os.path.isfile(path) else f"missing {os.path.basename(path)}"
 
 
 def _md5_problem(path, expected):

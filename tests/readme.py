@@ -1,8 +1,10 @@
 """The README's shell commands, as tests run them: `readme_commands("SLURM")` is what a user copies from that
-section (backslash continuations joined, trailing `# comments` dropped)."""
+section (backslash continuations joined, trailing `# comments` dropped); `all_readme_commands()` is every command
+of the README with its section's heading. Example output belongs in ```text fences, which hold no commands."""
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -12,6 +14,41 @@ SHELL_FENCES = {"", "sh", "bash", "shell"}
 def readme_commands(heading: str, readme: Path = README) -> list[str]:
     """The commands of every code block (4-space indented or ```-fenced) under `heading` (the heading's text,
     any level), up to the next heading of the same or a higher level."""
+    return commands_in(section(heading, readme))
+
+
+def all_readme_commands(readme: Path = README) -> list[tuple[str, str]]:
+    """(heading, command) for every command of the README in order; a command belongs to the nearest heading above
+    it (the lines before the first subheading belong to the title; a `#` line inside a fence is no heading)."""
+    out, heading, lines, fenced = [], "", [], False
+    for line in readme.read_text().splitlines():
+        if re.match(r"\s*(```|~~~)", line):
+            fenced = not fenced
+        m = None if fenced else re.match(r"(#+)\s+(.*?)\s*$", line)
+        if m:
+            out += [(heading, c) for c in commands_in(lines)]
+            heading, lines = m.group(2), []
+        else:
+            lines.append(line)
+    return out + [(heading, c) for c in commands_in(lines)]
+
+
+def fenced_blocks(heading: str, language: str, readme: Path = README) -> list[str]:
+    """The text of every ```<language> block under `heading` (e.g. the Python a README section shows)."""
+    blocks, current = [], None
+    for line in section(heading, readme):
+        if current is None and re.match(rf"\s*```+\s*{re.escape(language)}\s*$", line):
+            current = []
+        elif current is not None and line.strip().startswith("```"):
+            blocks.append("\n".join(current) + "\n")
+            current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def section(heading: str, readme: Path = README) -> list[str]:
+    """The lines under `heading`, up to the next heading of the same or a higher level."""
     lines = readme.read_text().splitlines()
     start = level = None
     for i, line in enumerate(lines):
@@ -21,20 +58,24 @@ def readme_commands(heading: str, readme: Path = README) -> list[str]:
             break
     if start is None:
         raise KeyError(f"no heading {heading!r} in {readme}")
-    section = []
+    out = []
     for line in lines[start:]:
         m = re.match(r"(#+)\s", line)
         if m and len(m.group(1)) <= level:
             break
-        section.append(line)
-    return [c for c in (strip_comment(c) for c in join_continuations(code_lines(section))) if c]
+        out.append(line)
+    return out
 
 
-def code_lines(section: list[str]) -> list[str]:
+def commands_in(lines: list[str]) -> list[str]:
+    return [c for c in (strip_comment(c) for c in join_continuations(code_lines(lines))) if c]
+
+
+def code_lines(lines: list[str]) -> list[str]:
     """The lines inside code blocks: fenced blocks of a shell (or no) language, and indented blocks, which start
     after a blank line."""
     out, fence, previous_blank = [], None, True
-    for line in section:
+    for line in lines:
         m = re.match(r"\s*(```+|~~~+)\s*(\w*)", line)
         if fence is None and m:
             fence = (m.group(1), m.group(2) in SHELL_FENCES)
@@ -76,3 +117,16 @@ def strip_comment(command: str) -> str:
         elif ch == "#" and (i == 0 or command[i - 1].isspace()):
             return command[:i].rstrip()
     return command.strip()
+
+
+def with_overrides(command: str, *overrides: str) -> str:
+    """The command with each key=value override replacing the one of the same key, or appended."""
+    words = shlex.split(command)
+    for override in overrides:
+        key = override.split("=", 1)[0] + "="
+        hits = [i for i, w in enumerate(words) if w.startswith(key)]
+        if hits:
+            words[hits[0]] = override
+        else:
+            words.append(override)
+    return shlex.join(words)

@@ -10,14 +10,13 @@ import http.server
 import json
 import logging
 import os
-import pickle
-import struct
-import tarfile
+import re
 import threading
 
 import numpy as np
 import pytest
 import torchvision.datasets as tvd
+from datasets import idx_bytes, images, tar_cifar, write_cifar, write_mnist_family
 from torchvision.datasets.utils import calculate_md5
 
 from cnnpipe import ConfigError
@@ -28,80 +27,16 @@ MNIST_FAMILY = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KM
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# writing the real formats
-
-
-def idx_bytes(a: np.ndarray) -> bytes:
-    """IDX: two zero bytes, type 0x08 (uint8), ndim, big-endian uint32 dims, then the bytes."""
-    return bytes([0, 0, 0x08, a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape) + a.astype(np.uint8).tobytes()
-
-
-def images(n, c, h, w, seed, ids=True):
-    """Real-ish uint8 images: smooth blobs plus noise, a different brightness per channel; the sample index is
-    written into the first two pixels so a test can tell which sample went where."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    cy, cx = rng.uniform(4, h - 4, (2, n, 1, 1, 1))
-    blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 30.0)                  # n,1,H,W
-    x = 200 * blob * np.linspace(0.6, 1.0, c)[None, :, None, None] + rng.normal(20, 15, (n, c, h, w))
-    x = np.clip(x, 0, 255).astype(np.uint8)                                   # n,C,H,W
-    if ids:
-        x[:, 0, 0, 0], x[:, 0, 0, 1] = np.arange(n) % 256, np.arange(n) // 256
-    return x
+# the real formats (written by tests/datasets.py) and torchvision's md5 sums for them
 
 
 def sample_ids(x):
     return x[:, 0, 0, 0].astype(np.int64) + 256 * x[:, 0, 0, 1].astype(np.int64)
 
 
-def write_mnist_family(folder, n_train=300, n_test=100, gz=True, seed=0):
-    """The four MNIST-family files in folder (gzipped archives, or extracted as torchvision keeps them)."""
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    arrays = {"train-images-idx3-ubyte": images(n_train, 1, 28, 28, seed)[:, 0],
-              "train-labels-idx1-ubyte": rng.integers(0, 10, n_train).astype(np.uint8),
-              "t10k-images-idx3-ubyte": images(n_test, 1, 28, 28, seed + 1)[:, 0],
-              "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test).astype(np.uint8)}
-    md5s = {}
-    for name, a in arrays.items():
-        path = os.path.join(folder, name + (".gz" if gz else ""))
-        with (gzip.open(path, "wb") if gz else open(path, "wb")) as fh:
-            fh.write(idx_bytes(a))
-        md5s[os.path.basename(path)] = calculate_md5(path)
-    return arrays, md5s
-
-
 def patch_resources(monkeypatch, cls, md5s):
     """Replace only the expected md5 sums in the class's resource list by those of the test's archives."""
     monkeypatch.setattr(cls, "resources", [(f, md5s[f]) for f, _ in cls.resources])
-
-
-def write_cifar(folder, cls, per_batch=40, n_test=50, seed=0):
-    """cifar-10-batches-py / cifar-100-python: pickled dicts with 'data' (n, 3072) rows R..G..B and labels."""
-    base = os.path.join(folder, cls.base_folder)
-    os.makedirs(base, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    hundred = cls is tvd.CIFAR100
-    k = 100 if hundred else 10
-    label_key = "fine_labels" if hundred else "labels"
-    xs, ys = [], []
-    files = [f for f, _ in cls.train_list] + [f for f, _ in cls.test_list]
-    for i, f in enumerate(files):
-        n = (per_batch * (5 if hundred else 1)) if f != files[-1] else n_test
-        x = images(n, 3, 32, 32, seed + i, ids=False)
-        y = rng.integers(0, k, n).tolist()
-        entry = {"data": x.reshape(n, 3072), label_key: y, "filenames": [f"img{j}.png" for j in range(n)]}
-        if hundred:
-            entry["coarse_labels"] = [v // 5 for v in y]
-        with open(os.path.join(base, f), "wb") as fh:
-            pickle.dump(entry, fh)
-        xs.append(x), ys.append(np.array(y))
-    names = [f"class{j}" for j in range(k)]
-    meta = {cls.meta["key"]: names} if not hundred else {"fine_label_names": names, "coarse_label_names": []}
-    with open(os.path.join(base, cls.meta["filename"]), "wb") as fh:
-        pickle.dump(meta, fh)
-    train = (np.concatenate(xs[:-1]), np.concatenate(ys[:-1]))
-    return train, (xs[-1], ys[-1]), names
 
 
 def patch_cifar_md5s(monkeypatch, cls, folder, tgz=None):
@@ -113,14 +48,6 @@ def patch_cifar_md5s(monkeypatch, cls, folder, tgz=None):
     monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(cls.meta["filename"])})
     if tgz:
         monkeypatch.setattr(cls, "tgz_md5", calculate_md5(tgz))
-
-
-def tar_cifar(src_folder, cls, dest_folder):
-    os.makedirs(dest_folder, exist_ok=True)
-    path = os.path.join(dest_folder, cls.filename)
-    with tarfile.open(path, "w:gz") as tar:
-        tar.add(os.path.join(src_folder, cls.base_folder), arcname=cls.base_folder)
-    return path
 
 
 def cfg(name, root, **kw):
@@ -257,6 +184,37 @@ def test_mirror_cifar_extracted_folder(tmp_path, monkeypatch):
     b = D.load_data(cfg("cifar10", tmp_path / "root", mirror=str(tmp_path / "mirror"), val_size=0), 0)
     assert b.source == f"mirror {tmp_path / 'mirror' / 'cifar-10-batches-py'}"
     np.testing.assert_array_equal(b.train.x, xtr)
+
+
+@pytest.mark.parametrize("kind", ["kmnist", "cifar10 tarball", "cifar100 folder"])
+def test_mirror_of_own_archives_loads_with_verify_false(tmp_path, caplog, kind):
+    """Archives a user made in the original formats (their md5 sums are not torchvision's): refused by default;
+    data.verify=false extracts and loads them, warns naming the mirror, and still says which file is missing."""
+    name, how = (kind.split() + [""])[:2]
+    mirror, root = tmp_path / "mirror", tmp_path / "root"
+    if name == "kmnist":
+        arrays, _ = write_mnist_family(mirror, gz=True)
+        xtr, where = arrays["train-images-idx3-ubyte"][:, None], mirror
+    else:
+        cls = getattr(tvd, name.upper())
+        (xtr, _), _, _ = write_cifar(tmp_path / "src" if how == "tarball" else mirror, cls)
+        if how == "tarball":
+            tar_cifar(tmp_path / "src", cls, mirror)
+        where = mirror if how == "tarball" else mirror / cls.base_folder
+    with pytest.raises(ConfigError, match=f"mirror {re.escape(str(where))}: .* has md5 .*, not torchvision's"):
+        D.load_data(cfg(name, root, mirror=str(mirror)), 0)
+    assert leftovers(root) == []
+    with caplog.at_level(logging.WARNING, logger="cnnpipe.data"):
+        b = D.load_data(cfg(name, root, mirror=str(mirror), val_size=0, verify=False), 0)
+    assert b.source == f"mirror {where}" and leftovers(root) == []
+    np.testing.assert_array_equal(b.train.x, xtr)
+    assert f"data.verify=false: the {name} archives in {where} were used without torchvision's md5 check" \
+        in caplog.text
+    if how != "tarball":                                     # a file of the set missing is still named
+        first = sorted(os.listdir(where))[0]
+        os.remove(where / first)
+        with pytest.raises(ConfigError, match=f"mirror {re.escape(str(where))}: missing {first}"):
+            D.load_data(cfg(name, tmp_path / "root2", mirror=str(mirror), verify=False), 0)
 
 
 def test_debian_folder(tmp_path, monkeypatch):

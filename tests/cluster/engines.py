@@ -6,7 +6,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -22,19 +21,6 @@ def shell(command: str, env: dict, timeout: float) -> subprocess.CompletedProces
     env = dict(env, PATH=f"{VENV_BIN}:{env.get('PATH', os.defpath)}")
     return subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
-
-
-def with_overrides(command: str, *overrides: str) -> str:
-    """The command with each key=value override replacing the one of the same key, or appended."""
-    words = shlex.split(command)
-    for override in overrides:
-        key = override.split("=", 1)[0] + "="
-        hits = [i for i, w in enumerate(words) if w.startswith(key)]
-        if hits:
-            words[hits[0]] = override
-        else:
-            words.append(override)
-    return shlex.join(words)
 
 
 def processes_with(marker: str) -> list[int]:

@@ -19,8 +19,8 @@ import tempfile
 
 import pytest
 from conftest import tiny_overrides
-from engines import listening, not_loopback, shell, stop_processes, with_overrides
-from readme import readme_commands
+from engines import listening, not_loopback, shell, stop_processes
+from readme import readme_commands, with_overrides
 
 
 @pytest.fixture

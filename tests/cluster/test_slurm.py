@@ -13,8 +13,8 @@ import subprocess
 
 import pytest
 from conftest import make_fashion_root, tiny_overrides
-from engines import REPO, listening, not_loopback, shell, with_overrides
-from readme import readme_commands
+from engines import REPO, listening, not_loopback, shell
+from readme import readme_commands, with_overrides
 
 SLURM_SH = REPO / "tests" / "cluster" / "slurm.sh"
 
