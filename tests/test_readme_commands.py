@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -44,8 +45,7 @@ BENCH_SHRINK = ("--override data.val_size=100 --models lenet5 --backends numba -
                 "--quick-steps 5 --bare-budget 1")                   # bench.py's own options, after --quick
 SKIPS = {
     "cluster": "runs for real on a one-node SLURM or Ray cluster in tests/cluster/test_slurm.py and "
-               "tests/cluster/test_ray.py (make test-cluster, as root); tests/test_sweeps.py runs hydra/launcher=ray "
-               "on a local Ray",
+               "tests/cluster/test_ray.py (make test-cluster, as root)",
     "suite": "the test suite itself: CI runs make test and make test-cluster (make test inside make test would "
              "recurse)",
     "bench": "the full benchmark takes ~20 min on an idle machine (docs/bench); the --quick line runs here",
@@ -56,6 +56,8 @@ SKIPS = {
 def rule_for(heading: str, command: str):
     """The rule that runs (or skips) one README command; None for a command no rule covers."""
     words = shlex.split(command)
+    if heading == "Ray" and words[0] != "ray" and "hydra.launcher.ray.init.address" not in command:
+        return run_local_ray
     if heading in ("SLURM", "Ray") or words[0] == "ray":
         return skipped("cluster")
     if words[0] == "pip":
@@ -151,8 +153,9 @@ class Case:
     def copy(self, src: Path, under: str) -> Path:
         return Path(shutil.copytree(src, self.cwd / under / src.name))
 
-    def run(self, command: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
-        r = sh(command, cwd or self.cwd, timeout)
+    def run(self, command: str, timeout: float = 300, cwd: Path | None = None,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+        r = sh(command, cwd or self.cwd, timeout, env)
         assert r.returncode == 0, f"`{command}` exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
         return r
 
@@ -171,9 +174,9 @@ def user_env() -> dict:
     return env
 
 
-def sh(command: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-c", command], cwd=cwd, env=user_env(), capture_output=True, text=True,
-                          timeout=timeout)
+def sh(command: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", command], cwd=cwd, env={**user_env(), **(env or {})}, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def given(command: str) -> dict[str, str]:
@@ -320,7 +323,20 @@ def run_train(case: Case):
     return r
 
 
-def run_sweep(case: Case, command: str):
+def run_local_ray(case: Case):
+    """hydra/launcher=ray with no address: a local Ray on this machine. Ray's own settings keep it on the loopback
+    address (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: tests/cluster/test_ray.py says why) and its files in this test's
+    directory."""
+    ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")           # short: Ray's unix sockets live below it
+    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": ray_dir,
+           "RAY_AUTH_MODE": "disabled"}
+    try:
+        run_sweep(case, case.filled(), env)
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def run_sweep(case: Case, command: str, env: dict | None = None):
     """A sweep: the summary lists every job (every combination, or N_TRIALS Optuna trials), all finished."""
     have = given(command)
     optuna = "hparams_search" in have or have.get("hydra/sweeper") == "optuna"
@@ -329,8 +345,8 @@ def run_sweep(case: Case, command: str):
         command = with_overrides(command, f"hydra.sweeper.n_trials={N_TRIALS}")
     if have.get("sweep.resume") == "true":         # the sweep it continues: the same command, run before
         first = shlex.join(w for w in shlex.split(command) if w != "sweep.resume=true")
-        case.run(first, timeout=600)
-    r = case.run(command, timeout=600)
+        case.run(first, timeout=600, env=env)
+    r = case.run(command, timeout=600, env=env)
     [summary] = case.cwd.rglob("summary.csv")
     with open(summary) as f:
         rows = list(csv.DictReader(f))
