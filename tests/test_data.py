@@ -21,6 +21,7 @@ from torchvision.datasets.utils import calculate_md5
 
 from cnnpipe import ConfigError
 from cnnpipe import data as D
+from cnnpipe.data import sources
 
 IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 MNIST_FAMILY = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}
@@ -58,7 +59,7 @@ def cfg(name, root, **kw):
 @pytest.fixture(autouse=True)
 def no_debian(monkeypatch):
     """Tests see no Debian package unless they install a fake one (the real-package test restores it)."""
-    monkeypatch.setattr(D, "DEBIAN_DIRS", {"fashion_mnist": "/nonexistent/datasets/fashion-mnist"})
+    monkeypatch.setattr(sources, "DEBIAN_DIRS", {"fashion_mnist": "/nonexistent/datasets/fashion-mnist"})
 
 
 def leftovers(root):
@@ -222,8 +223,8 @@ def test_debian_folder(tmp_path, monkeypatch):
     header-vs-size check are used instead."""
     deb, root = tmp_path / "deb", tmp_path / "root"
     arrays, md5s = write_mnist_family(deb, gz=True)
-    monkeypatch.setattr(D, "DEBIAN_DIRS", {"fashion_mnist": str(deb)})
-    monkeypatch.setattr(D, "DPKG_INFO", str(tmp_path / "dpkg"))
+    monkeypatch.setattr(sources, "DEBIAN_DIRS", {"fashion_mnist": str(deb)})
+    monkeypatch.setattr(sources, "DPKG_INFO", str(tmp_path / "dpkg"))
     b = D.load_data(cfg("fashion_mnist", root, val_size=0), 0)
     assert b.source == f"debian package {deb}"
     np.testing.assert_array_equal(b.test.x[:, 0], arrays["t10k-images-idx3-ubyte"])
@@ -243,12 +244,26 @@ def test_debian_folder(tmp_path, monkeypatch):
         D.load_data(cfg("fashion_mnist", tmp_path / "root3"), 0)
 
 
+def test_a_mirror_the_user_names_comes_before_debians_copy(tmp_path, monkeypatch):
+    """Both a Debian folder and data.mirror hold Fashion-MNIST: the mirror the user named is used."""
+    deb, mirror = tmp_path / "deb", tmp_path / "mirror"
+    write_mnist_family(deb, gz=True)
+    arrays, md5s = write_mnist_family(mirror, gz=True, seed=7)
+    monkeypatch.setattr(sources, "DEBIAN_DIRS", {"fashion_mnist": str(deb)})
+    monkeypatch.setattr(sources, "DPKG_INFO", str(tmp_path / "dpkg"))
+    patch_resources(monkeypatch, tvd.FashionMNIST, md5s)
+    b = D.load_data(cfg("fashion_mnist", tmp_path / "root", mirror=str(mirror), val_size=0), 0)
+    assert b.source == f"mirror {mirror}"
+    np.testing.assert_array_equal(b.test.x[:, 0], arrays["t10k-images-idx3-ubyte"])
+    assert D.load_data(cfg("fashion_mnist", tmp_path / "root2", val_size=0), 0).source == f"debian package {deb}"
+
+
 REAL_DEBIAN = "/usr/share/datasets/fashion-mnist"
 
 
 @pytest.mark.skipif(not os.path.isdir(REAL_DEBIAN), reason="Debian package dataset-fashion-mnist not installed")
 def test_real_fashion_mnist_from_debian(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "DEBIAN_DIRS", {"fashion_mnist": REAL_DEBIAN})
+    monkeypatch.setattr(sources, "DEBIAN_DIRS", {"fashion_mnist": REAL_DEBIAN})
     b = D.load_data(cfg("fashion_mnist", tmp_path, val_size=0), 0)
     assert b.source == f"debian package {REAL_DEBIAN}"
     assert b.train.x.shape == (60000, 1, 28, 28) and b.test.x.shape == (10000, 1, 28, 28)

@@ -1,0 +1,142 @@
+"""load_data: a dataset's splits as uint8 arrays in memory, the validation split carved with the run's seed, and the
+per-channel normalization of the training split. Letters: N samples, C channels, H,W image size."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from cnnpipe import ConfigError
+from cnnpipe.data.sources import CIFAR, dataset_class, open_splits
+
+log = logging.getLogger(__name__)
+CARVE = 1                                           # spawn key of the validation carve's random stream
+
+
+@dataclass
+class Split:
+    x: np.ndarray   # uint8 N,C,H,W, C-contiguous
+    y: np.ndarray   # int64 N
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class DataBundle:
+    name: str                   # "fashion_mnist", ...
+    train: Split
+    val: Split | None           # carved from the training split; None if data.val_size == 0
+    test: Split
+    classes: list[str]
+    mean: np.ndarray            # float64 C: per-channel mean of pixel/255 over the training split
+    std: np.ndarray             # float64 C
+    source: str                 # where the files came from, for the log
+    augment: bool = False       # data.augment as it applies here (only CIFAR is augmented)
+    crop_padding: int = 4
+
+    @property
+    def in_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.x.shape[1:])  # C,H,W
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def _opt(cfg, key, default):
+    v = cfg.get(key, default) if isinstance(cfg, Mapping) else getattr(cfg, key, default)
+    return default if v is None else v
+
+
+def _count(key, value, minimum, optional=False):
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"data.{key}={value!r} must be an integer >= {minimum}"
+                          f"{' or null' if optional else ''}. Fix it in conf/data/ or on the command line.")
+    return int(value)
+
+
+def load_data(cfg, seed: int) -> DataBundle:
+    """Load data.name as in-memory uint8 splits, carve the validation split, compute the normalization."""
+    name = _opt(cfg, "name", None)
+    cls = dataset_class(name)
+    root = os.path.expanduser(str(_opt(cfg, "root", "data")))
+    with contextlib.suppress(Exception):  # relative to where the user started, not Hydra's run directory
+        from hydra.utils import to_absolute_path
+        root = to_absolute_path(root)
+    root = os.path.abspath(root)
+    mirror = _opt(cfg, "mirror", None)
+    mirror = os.path.abspath(os.path.expanduser(str(mirror))) if mirror else None
+    raw_val = (cfg.get("val_size", 5000) if isinstance(cfg, Mapping) else getattr(cfg, "val_size", 5000))
+    val_size = _count("val_size", 0 if raw_val is None else raw_val, 0)
+    limit_train = _count("limit_train", _opt(cfg, "limit_train", None), 1, optional=True)
+    limit_test = _count("limit_test", _opt(cfg, "limit_test", None), 1, optional=True)
+    crop_padding = _count("crop_padding", _opt(cfg, "crop_padding", 4), 0)
+    augment = bool(_opt(cfg, "augment", False))
+    if augment and name not in CIFAR:
+        log.warning("data.augment=true is ignored for %s: random crops and flips are only used for CIFAR "
+                    "(a flipped digit or glyph is a different character)", name)
+        augment = False
+
+    verify = bool(_opt(cfg, "verify", True))
+    train_ds, test_ds, source = open_splits(name, cls, root, mirror, bool(_opt(cfg, "download", True)), verify)
+    train, test = _to_split(train_ds), _to_split(test_ds)
+    classes = [str(c) for c in test_ds.classes]
+    for split, what in ((train, "train"), (test, "test")):
+        if len(split) and (split.y.min() < 0 or split.y.max() >= len(classes)):
+            raise ConfigError(f"The {what} labels of {name} (from {source}) are outside 0..{len(classes) - 1}: the "
+                              f"files are not {cls.__name__}. Delete them and load again.")
+
+    # validation carve: a seeded permutation; val takes the first val_size, train the rest (then limit_train)
+    n = len(train)
+    if val_size >= n:
+        raise ConfigError(f"data.val_size={val_size} leaves no training data: {name}'s training split has {n} "
+                          f"samples. Set data.val_size below {n} (0 turns the validation split off).")
+    val = None
+    if val_size or limit_train:
+        perm = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(CARVE,))).permutation(n)
+        if val_size:
+            val = _take(train, np.sort(perm[:val_size]))
+        train = _take(train, np.sort(perm[val_size:][:limit_train]))  # sorted: keep the files' order
+    if limit_test:
+        test = _take(test, np.arange(min(limit_test, len(test))))
+    mean, std = channel_stats(train.x)
+    log.info("data %s: train %d, val %d, test %d, %s; mean %s std %s; from %s", name, len(train),
+             0 if val is None else len(val), len(test), "x".join(map(str, train.x.shape[1:])),
+             np.round(mean, 4).tolist(), np.round(std, 4).tolist(), source)
+    return DataBundle(name=name, train=train, val=val, test=test, classes=classes, mean=mean, std=std,
+                      source=source, augment=augment, crop_padding=crop_padding)
+
+
+def _to_split(ds) -> Split:
+    """A torchvision dataset's whole split, from its arrays (never per-item PIL)."""
+    data = ds.data.numpy() if hasattr(ds.data, "numpy") else np.asarray(ds.data)
+    x = data[:, None] if data.ndim == 3 else data.transpose(0, 3, 1, 2)   # N,H,W or N,H,W,C → N,C,H,W
+    targets = ds.targets.numpy() if hasattr(ds.targets, "numpy") else ds.targets
+    return Split(np.ascontiguousarray(x, dtype=np.uint8), np.ascontiguousarray(targets, dtype=np.int64))
+
+
+def _take(split: Split, idx) -> Split:
+    return Split(np.ascontiguousarray(split.x[idx]), np.ascontiguousarray(split.y[idx]))
+
+
+def channel_stats(x: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of x/255 (float64 C), exactly: integer sums of u8 and u8² in chunks."""
+    N, C = x.shape[:2]
+    s, s2 = np.zeros(C, np.int64), np.zeros(C, np.int64)
+    for i in range(0, N, chunk):
+        c = x[i:i + chunk].astype(np.int32)                                 # n,C,H,W
+        s += c.sum(axis=(0, 2, 3), dtype=np.int64)
+        c *= c
+        s2 += c.sum(axis=(0, 2, 3), dtype=np.int64)
+    count = max(N * x.shape[2] * x.shape[3], 1)
+    mean = s / count / 255.0
+    std = np.sqrt(np.maximum(s2 / count / 255.0**2 - mean**2, 0.0))
+    std[std == 0] = 1.0   # a constant channel: leave its scale alone
+    return mean, std
