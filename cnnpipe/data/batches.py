@@ -16,11 +16,11 @@ def num_batches(n: int, batch_size: int) -> int:
 
 
 def batches(split: Split, batch_size: int, *, mean, std, dtype=np.float32, shuffle_seed=None, augment=False,
-            crop_padding=4, start=0):
+            crop_padding=None, start=0):
     """Yield (x, y) batches: x dtype N,C,H,W = (u8/255 - mean)/std, y int64 N. The last partial batch is kept.
 
     shuffle_seed: None = the split's order; else the order is default_rng(shuffle_seed).permutation(n).
-    augment: random crop (zero padding crop_padding) + horizontal flip, all drawn for the whole pass up front,
+    augment: random crop (zero padding crop_padding: data.crop_padding, needed then) + horizontal flip, all drawn for the whole pass up front,
     so start=k (skip the first k batches: resuming mid-epoch) yields exactly the batches an uninterrupted pass
     yields from there. Pass a new shuffle_seed each epoch (e.g. [seed, epoch]) for new crops.
     """
@@ -31,6 +31,8 @@ def batches(split: Split, batch_size: int, *, mean, std, dtype=np.float32, shuff
         raise ValueError(f"batches: dtype must be float32 or float64, got {dtype}")
     if batch_size < 1:
         raise ValueError(f"batches: batch_size must be >= 1, got {batch_size}")
+    if augment and crop_padding is None:
+        raise ValueError("batches: augment=True needs crop_padding (the bundle's, i.e. data.crop_padding)")
     nb = num_batches(n, batch_size)
     if not 0 <= start <= nb:
         raise ValueError(f"batches: start={start} is outside 0..{nb} ({n} samples, batch size {batch_size})")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnpipe import ConfigError
+from cnnpipe.config import DataConf
 from cnnpipe.data.sources import CIFAR, dataset_class, open_splits
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,8 @@ class DataBundle:
     mean: np.ndarray            # float64 C: per-channel mean of pixel/255 over the training split
     std: np.ndarray             # float64 C
     source: str                 # where the files came from, for the log
-    augment: bool = False       # data.augment as it applies here (only CIFAR is augmented)
-    crop_padding: int = 4
+    augment: bool               # data.augment as it applies here (only CIFAR is augmented)
+    crop_padding: int
 
     @property
     def in_shape(self) -> tuple[int, int, int]:
@@ -48,9 +49,13 @@ class DataBundle:
         return len(self.classes)
 
 
-def _opt(cfg, key, default):
-    v = cfg.get(key, default) if isinstance(cfg, Mapping) else getattr(cfg, key, default)
-    return default if v is None else v
+_DEFAULTS = DataConf()                              # what a key cfg leaves out (or sets to null) means
+
+
+def _opt(cfg, key):
+    """data.<key> of cfg (a DictConfig, a plain mapping or an object), or DataConf's default where it is unset."""
+    v = cfg.get(key) if isinstance(cfg, Mapping) else getattr(cfg, key, None)
+    return getattr(_DEFAULTS, key) if v is None else v
 
 
 def _count(key, value, minimum, optional=False):
@@ -64,28 +69,27 @@ def _count(key, value, minimum, optional=False):
 
 def load_data(cfg, seed: int) -> DataBundle:
     """Load data.name as in-memory uint8 splits, carve the validation split, compute the normalization."""
-    name = _opt(cfg, "name", None)
+    name = _opt(cfg, "name")
     cls = dataset_class(name)
-    root = os.path.expanduser(str(_opt(cfg, "root", "data")))
+    root = os.path.expanduser(str(_opt(cfg, "root")))
     with contextlib.suppress(Exception):  # relative to where the user started, not Hydra's run directory
         from hydra.utils import to_absolute_path
         root = to_absolute_path(root)
     root = os.path.abspath(root)
-    mirror = _opt(cfg, "mirror", None)
+    mirror = _opt(cfg, "mirror")
     mirror = os.path.abspath(os.path.expanduser(str(mirror))) if mirror else None
-    raw_val = (cfg.get("val_size", 5000) if isinstance(cfg, Mapping) else getattr(cfg, "val_size", 5000))
-    val_size = _count("val_size", 0 if raw_val is None else raw_val, 0)
-    limit_train = _count("limit_train", _opt(cfg, "limit_train", None), 1, optional=True)
-    limit_test = _count("limit_test", _opt(cfg, "limit_test", None), 1, optional=True)
-    crop_padding = _count("crop_padding", _opt(cfg, "crop_padding", 4), 0)
-    augment = bool(_opt(cfg, "augment", False))
+    val_size = _count("val_size", _opt(cfg, "val_size"), 0)
+    limit_train = _count("limit_train", _opt(cfg, "limit_train"), 1, optional=True)
+    limit_test = _count("limit_test", _opt(cfg, "limit_test"), 1, optional=True)
+    crop_padding = _count("crop_padding", _opt(cfg, "crop_padding"), 0)
+    augment = bool(_opt(cfg, "augment"))
     if augment and name not in CIFAR:
         log.warning("data.augment=true is ignored for %s: random crops and flips are only used for CIFAR "
                     "(a flipped digit or glyph is a different character)", name)
         augment = False
 
-    verify = bool(_opt(cfg, "verify", True))
-    train_ds, test_ds, source = open_splits(name, cls, root, mirror, bool(_opt(cfg, "download", True)), verify)
+    verify = bool(_opt(cfg, "verify"))
+    train_ds, test_ds, source = open_splits(name, cls, root, mirror, bool(_opt(cfg, "download")), verify)
     train, test = _to_split(train_ds), _to_split(test_ds)
     classes = [str(c) for c in test_ds.classes]
     for split, what in ((train, "train"), (test, "test")):
