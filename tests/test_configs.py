@@ -45,6 +45,31 @@ def test_every_config_option_composes_to_what_its_file_states(compose_cfg, group
     assert len(model.layers) == len(cfg.model.layers)
 
 
+@pytest.mark.parametrize("group, option", [(g, o) for g, opts in GROUPS.items() if g != "experiment" for o in opts])
+def test_a_group_option_states_only_what_it_changes(group, option):
+    """Every default is stated once, in cnnpipe/config.py: no key of a group file repeats its schema default.
+    (experiment/ files are left out: they pin every value their reported figure depends on.)"""
+    from omegaconf import OmegaConf
+
+    from cnnpipe.config import ModelConf, TrainConf
+    schema = OmegaConf.structured(TrainConf(model=ModelConf()))
+    stated = yaml.safe_load((REPO / "conf" / group / f"{option}.yaml").read_text()) or {}
+    package = "" if group == "debug" else group + "."                      # debug/: @package _global_
+    repeated = [key for key, value in _stated(stated, package) if OmegaConf.select(schema, key) == value]
+    assert not repeated, f"conf/{group}/{option}.yaml restates the schema's default of {repeated}"
+
+
+def test_the_optuna_searches_state_their_shared_sweeper_settings_once(compose_cfg):
+    """direction and the sampler's seed live in conf/hydra/sweeper/optuna_search.yaml, which each search picks."""
+    from omegaconf import OmegaConf
+    shared = dict(_stated(yaml.safe_load((REPO / "conf/hydra/sweeper/optuna_search.yaml").read_text())))
+    for path in sorted((REPO / "conf" / "hparams_search").glob("*.yaml")):
+        own = dict(_stated(yaml.safe_load(path.read_text())["hydra"]["sweeper"]))
+        assert not shared.keys() & own.keys(), (path.name, shared.keys() & own.keys())
+        sweeper = compose_cfg([f"hparams_search={path.stem}"], return_hydra_config=True).hydra.sweeper
+        assert {key: OmegaConf.select(sweeper, key) for key in shared} == shared, path.name
+
+
 def test_the_readme_lists_every_config_option_and_only_those():
     """The configuration table names each option of each group (`model/` row: `lenet5`, ...)."""
     readme = (REPO / "README.md").read_text()

@@ -12,6 +12,7 @@ PLUGINS = {
     ("hydra/launcher", "ray"): ("hydra_plugins.hydra_ray_launcher", "ray"),
     ("hydra/launcher", "ray_aws"): ("hydra_plugins.hydra_ray_launcher", "ray"),
     ("hydra/sweeper", "optuna"): ("hydra_plugins.hydra_optuna_sweeper", "sweep"),
+    ("hydra/sweeper", "optuna_search"): ("hydra_plugins.hydra_optuna_sweeper", "sweep"),   # conf/hydra/sweeper/
 }
 EXTRA_DEPS = {"hydra_plugins.hydra_ray_launcher": "ray", "hydra_plugins.hydra_optuna_sweeper": "optuna",
               "hydra_plugins.hydra_submitit_launcher": "submitit", "hydra_plugins.hydra_joblib_launcher": "joblib"}
