@@ -453,9 +453,11 @@ def free_port() -> int:
 
 
 def run_completion(case: Case):
-    """Hydra's bash completion for cnnpipe-train, installed in a real bash."""
-    r = case.run(f"{case.command}\ncomplete -p cnnpipe-train")
+    """Hydra's bash completion for cnnpipe-train, installed in a real bash, answers a Tab after `pool=`."""
+    from completion import completion_query, completion_reply
+    r = case.run(f"{case.command}\ncomplete -p cnnpipe-train\n{completion_query('cnnpipe-train pool=')}")
     assert "hydra_bash_completion cnnpipe-train" in r.stdout, r.stdout
+    assert sorted(completion_reply(r.stdout)) == ["pool=max", "pool=mean"], r.stdout
 
 
 def run_make_lint(case: Case):
