@@ -23,7 +23,8 @@ from omegaconf import OmegaConf
 
 from cnnpipe import ConfigError
 from cnnpipe.callbacks import Callback
-from cnnpipe.metrics import improved
+from cnnpipe.early_stop import EPOCH_METRICS
+from cnnpipe.metrics import default_metric, improved
 from cnnpipe.rundir import checkpoint_run_dir
 
 FORMAT_VERSION = 1
@@ -130,6 +131,22 @@ def section(ckpt, prefix: str) -> dict[str, np.ndarray]:
 
 
 # -- the trainer callback ---------------------------------------------------------------------------------------
+def checked_monitor(monitor: str | None, has_val: bool) -> str:
+    """The per-epoch metric best.npz follows: checkpoint.monitor, refused at start when the run cannot have it;
+    null: metrics.default_metric (val_acc, or train_loss without a validation split)."""
+    names = [m for m in EPOCH_METRICS if has_val or not m.startswith("val_")]
+    if monitor is None:
+        return default_metric(names)
+    if monitor not in EPOCH_METRICS:
+        raise ConfigError(f"checkpoint.monitor={monitor!r} is not a per-epoch metric: choose one of "
+                          f"{', '.join(EPOCH_METRICS)}, or null (val_acc, or train_loss without a validation split).")
+    if monitor not in names:
+        raise ConfigError(f"checkpoint.monitor={monitor} needs a validation split, and this run has none "
+                          f"(data.val_size=0): set data.val_size > 0, or monitor one of {', '.join(names)}, or "
+                          f"null (the default: train_loss without a validation split).")
+    return monitor
+
+
 class Checkpointer(Callback):
     """checkpoints/last.npz every `checkpoint.every` epochs (and every_steps steps), best.npz by `monitor`,
     last.npz on an interrupt."""
@@ -137,6 +154,7 @@ class Checkpointer(Callback):
     def __init__(self, tr):
         self.cfg, self.dir = tr.cfg.checkpoint, Path(tr.run_dir) / "checkpoints"
         self.every_steps = self.cfg.every_steps              # read every step: a plain value
+        self.monitor = checked_monitor(self.cfg.monitor, tr.data.val is not None)
 
     def save(self, tr, name="last.npz"):
         save_atomic(self.dir / name, checkpoint_arrays(tr))
@@ -146,11 +164,9 @@ class Checkpointer(Callback):
             self.save(tr)
 
     def on_epoch_end(self, tr, metrics):
-        monitor = self.cfg.monitor if self.cfg.monitor in metrics else \
-            ("val_acc" if "val_acc" in metrics else "train_loss")
-        better = improved(monitor, metrics[monitor], tr.best)
+        better = improved(self.monitor, metrics[self.monitor], tr.best)
         if better:
-            tr.best = float(metrics[monitor])
+            tr.best = float(metrics[self.monitor])
         if tr.epoch % self.cfg.every == 0 or tr.epoch == tr.cfg.trainer.epochs:
             self.save(tr)
         if better:

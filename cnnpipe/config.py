@@ -130,7 +130,8 @@ class CheckpointConf:
     enabled: bool = True
     every: int = 1                      # epochs between checkpoints/last.npz
     every_steps: Optional[int] = None   # also every N steps
-    monitor: str = "val_acc"            # best.npz by this metric (higher is better for *_acc, lower for *_loss)
+    monitor: Optional[str] = None       # best.npz by this per-epoch metric (higher is better for *_acc, lower for
+                                        # *_loss); null: val_acc, or train_loss without a validation split
 
 
 @dataclass

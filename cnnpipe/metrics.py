@@ -5,10 +5,20 @@ import numpy as np
 
 from cnnpipe import ConfigError
 
+# The metric a run is judged by where none is named: the first of these it has. Without a validation split that
+# is test_acc for a finished run (optimized_metric) and train_loss per epoch (checkpoint.monitor).
+DEFAULT_METRICS = ("val_acc", "test_acc", "train_loss")
+
+
+def default_metric(names) -> str:
+    """The first of DEFAULT_METRICS among `names` (a run with none of them yet: test_acc, as once it finishes)."""
+    names = set(names)
+    return next((m for m in DEFAULT_METRICS if m in names), "test_acc")
+
 
 def optimized_metric_name(cfg, metrics: dict) -> str:
-    """`optimized_metric` when set, else val_acc, or test_acc for a run without a validation split."""
-    return cfg.optimized_metric or ("val_acc" if metrics.get("val_acc") is not None else "test_acc")
+    """`optimized_metric` when set, else default_metric: val_acc, or test_acc for a run without a validation split."""
+    return cfg.optimized_metric or default_metric(k for k, v in metrics.items() if v is not None)
 
 
 def optimized_metric(cfg, metrics: dict) -> float:
