@@ -6,7 +6,9 @@ Layout of a checkpoint (every entry is a numpy array; strings are numpy unicode 
     param/<layer>.<W|b>     parameters
     optim/<key>             optimizer state (step count t, momentum buffers or Adam moments)
     trainer/<key>           epoch, step, batch_in_epoch (position inside the epoch), epoch_sums (the epoch's running
-                            loss·n, correct, seen, seconds), best
+                            loss·n, correct, seen, seconds), best, clipped_steps, early_stopping (best, its epoch,
+                            epochs waited), stopped_early (why early stopping ended the run; "" while it goes on,
+                            and absent from older checkpoints)
     history/<key>           per-epoch train/val loss and accuracy, epoch seconds
     rng/dropout             the dropout generator's state, JSON
 Shuffling and augmentation are drawn from (seed, epoch), so the state above is all a resume needs.
@@ -46,7 +48,8 @@ def checkpoint_arrays(tr) -> dict[str, np.ndarray]:
               "trainer/epoch_sums": tr.totals.as_array(),
               "trainer/best": np.array(np.nan if tr.best is None else tr.best, dtype=np.float64),
               "trainer/clipped_steps": np.array(tr.clipped_steps),
-              "trainer/early_stopping": tr.early_stopping.as_array()}
+              "trainer/early_stopping": tr.early_stopping.as_array(),
+              "trainer/stopped_early": np.array(tr.stopped_early or "")}
     arrays.update({f"param/{k}": v for k, v in tr.model.named_params().items()})
     arrays.update({f"optim/{k}": v for k, v in tr.optimizer.state_dict().items()})
     arrays.update({f"history/{k}": np.array(v, dtype=np.float64) for k, v in tr.history.items()})
@@ -148,8 +151,8 @@ def checked_monitor(monitor: str | None, has_val: bool) -> str:
 
 
 class Checkpointer(Callback):
-    """checkpoints/last.npz every `checkpoint.every` epochs (and every_steps steps), best.npz by `monitor`,
-    last.npz on an interrupt."""
+    """checkpoints/last.npz every `checkpoint.every` epochs (and every_steps steps) and after the run's last epoch
+    (whatever ended it), best.npz by `monitor`, last.npz on an interrupt."""
 
     def __init__(self, tr):
         self.cfg, self.dir = tr.cfg.checkpoint, Path(tr.run_dir) / "checkpoints"
@@ -167,7 +170,7 @@ class Checkpointer(Callback):
         better = improved(self.monitor, metrics[self.monitor], tr.best)
         if better:
             tr.best = float(metrics[self.monitor])
-        if tr.epoch % self.cfg.every == 0 or tr.epoch == tr.cfg.trainer.epochs:
+        if tr.epoch % self.cfg.every == 0 or tr.done():      # done: early stopping (it runs first) or max_steps too
             self.save(tr)
         if better:
             self.save(tr, "best.npz")

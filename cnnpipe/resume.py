@@ -139,6 +139,11 @@ def restore(tr, ckpt):
     tr.clipped_steps = int(ckpt.get("trainer/clipped_steps", 0))
     if "trainer/early_stopping" in ckpt:
         tr.early_stopping = EarlyStoppingState.from_array(ckpt["trainer/early_stopping"])
+    tr.stopped_early = str(ckpt.get("trainer/stopped_early", "")) or None      # older checkpoints: not stopped
+    if tr.stopped_early:
+        log.info("the run already stopped early after epoch %d (%s): resuming it runs the final test without "
+                 "training; to train on from its weights, start a new run with init_from=%s", tr.epoch,
+                 tr.stopped_early, ckpt["_path"])
     for k in tr.history:
         tr.history[k] = [float(v) for v in ckpt.get(f"history/{k}", [])]
     tr.model.rng.bit_generator.state = json.loads(str(ckpt["rng/dropout"]))

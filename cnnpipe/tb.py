@@ -8,6 +8,8 @@ What lands in the run's event file (global step = optimizer steps completed, con
             grad_norm/<layer>.{W,b}, grad_norm/total (before clipping)  weight_norm/<layer>.{W,b}
             update_ratio/<layer>  delta_norm/<layer>  train/clip_fraction (with gradient clipping)
             val/{loss,accuracy} each epoch; test/{loss,accuracy} at the end; probe/loss with the images
+            train/stopped_early (1 at the last step; the reason as text: train/stopped_early/text_summary)
+                                                               when early stopping ended the run
   images    input/probe, delta/<conv>, activation/<conv>, filters/<conv>   every logger.image_every steps
             and at the last step, for the first logger.probe_images test images (the same ones all run long);
             confusion/val (without a validation split: confusion/train, the epoch's training predictions) once an
@@ -246,6 +248,7 @@ class TensorBoardLogger(Callback):
         if self.closed:
             return
         t0 = time.perf_counter()
+        self._early_stop(tr)
         self._close_run(tr, metrics)
         self.end_seconds = time.perf_counter() - t0
         loop = max(sum(tr.history["epoch_seconds"]), 1e-9)
@@ -269,6 +272,12 @@ class TensorBoardLogger(Callback):
                 w.add_scalar(tag, float(v), tr.step)
         w.file_writer.add_summary(self.sei, tr.step)
         self.close()
+
+    def _early_stop(self, tr):
+        """Written at the end, not when the stop came: a resumed stopped run purges events from its step on."""
+        if tr.stopped_early:
+            self.w.add_scalar("train/stopped_early", 1.0, tr.step)
+            self.w.add_text("train/stopped_early", tr.stopped_early, tr.step)   # torch adds /text_summary
 
     def on_interrupt(self, tr):
         self.close()

@@ -93,7 +93,7 @@ class Trainer:
         tc = self.cfg.trainer
         for cb in self.callbacks:
             cb.on_train_start(self)
-        while self.epoch < tc.epochs and not self._max_steps_reached() and not self.stopped_early:
+        while not self.done():
             it = self.epoch_batches()
             bar = _progress(tc.progress, self.steps_per_epoch, self.batch_in_epoch,
                             f"epoch {self.epoch + 1}/{tc.epochs}")
@@ -222,6 +222,10 @@ class Trainer:
 
     def _max_steps_reached(self):
         return self.max_steps is not None and self.step >= self.max_steps
+
+    def done(self) -> bool:
+        """No epoch left to train: every configured one ran, max_steps was reached, or early stopping ended the run."""
+        return self.epoch >= self.cfg.trainer.epochs or self._max_steps_reached() or bool(self.stopped_early)
 
     def evaluate(self, split):
         return evaluate_split(self.model, split, self.data, self.cfg.trainer.eval_batch_size)
