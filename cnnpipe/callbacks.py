@@ -1,7 +1,10 @@
 """The hooks the trainer calls; TensorBoard logging and checkpointing are callbacks.
 
 A hook gets what it needs as arguments: the step number, the step's result and wall time, the epoch's metrics.
-It may read the trainer's model, config, data and position (epoch, step), and ask it to stop (`stop_requested`).
+It may read the trainer's model, cfg, data, dtype, run_dir, its position (epoch, step, steps_per_epoch), `clip`
+(None without gradient clipping) and the predictions of the last evaluation (`val_preds` at an epoch's end with a
+validation split, `test_preds` at the train's end) and why early stopping ended the run (`stopped_early`), and
+ask it to stop (`stop_requested`). The checkpointer reads the whole state it saves (checkpoint_arrays).
 """
 from __future__ import annotations
 

@@ -180,9 +180,9 @@ def register_configs():
     OmegaConf.register_new_resolver("fresh_dir", fresh_dir, use_cache=True, replace=True)
 
 
-def compose_config(overrides: list[str] = (), return_hydra_config: bool = False):
+def compose_config(overrides: list[str] = (), return_hydra_config: bool = False, config_name: str = "train"):
     """The train config as scripts/train.py composes it (Hydra's compose API, conf/ of this checkout), for
-    library use: tests, the benchmark, the LR finder."""
+    library use: tests, the benchmark, the LR finder. config_name: another entry config of conf/ (find_lr)."""
     from pathlib import Path
 
     from hydra import compose, initialize_config_dir
@@ -191,6 +191,6 @@ def compose_config(overrides: list[str] = (), return_hydra_config: bool = False)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-            return compose("train", overrides=list(overrides), return_hydra_config=return_hydra_config)
+            return compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
     finally:
         GlobalHydra.instance().clear()

@@ -22,6 +22,7 @@ names in the output folder and renamed only after that check passes.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -33,7 +34,8 @@ import numpy as np
 
 from cnnpipe import ConfigError
 from cnnpipe.checkpoint import load_checkpoint, run_dir_of
-from cnnpipe.data import batches, load_data
+from cnnpipe.data import batches, load_data, normalize
+from cnnpipe.jsonio import atomic_path
 from cnnpipe.resume import model_from_checkpoint
 from cnnpipe.torch_ref import torch_twin
 
@@ -238,20 +240,11 @@ def run_onnx(path: Path, images: np.ndarray) -> np.ndarray:
     _, ort = import_onnx()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
-    mean = np.array(json.loads(meta["mean"])).reshape(1, -1, 1, 1)                 # 1,C,1,1
-    std = np.array(json.loads(meta["std"])).reshape(1, -1, 1, 1)                   # 1,C,1,1
-    x = ((images / 255.0 - mean) / std).astype(np.float32)                          # N,C,H,W
+    x = normalize(images, json.loads(meta["mean"]), json.loads(meta["std"]), np.float32)   # N,C,H,W
     return session.run(["logits"], {"input": x})[0]                                # N,classes
 
 
 # -- the export -------------------------------------------------------------------------------------------------
-def _write(path: Path, data: bytes):
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def export_checkpoint(ckpt_path, fmt: str, out: str | None = None, overrides: list[str] = (),
                       _before_check=None) -> dict:
     """Write the export, check its logits against ours, keep it only then. Returns what was written and the error.
@@ -269,11 +262,11 @@ def export_checkpoint(ckpt_path, fmt: str, out: str | None = None, overrides: li
     net = torch_twin(model).eval()
     final = [out_path.with_suffix(".py"), out_path] if fmt == "torch" else [out_path]
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = [p.with_name(f".{p.name}.{os.getpid()}.tmp") for p in final]
-    try:
+    with contextlib.ExitStack() as renames:         # the last entered is renamed first: the definition (.py), so
+        tmp = [renames.enter_context(atomic_path(p)) for p in final[::-1]][::-1]   # a present out= has its .py
         if fmt == "torch":
-            _write(tmp[0], module_source(net, model, cfg, data, out_path, ckpt["_path"]).encode())
-            _write(tmp[1], state_dict_bytes(net))
+            tmp[0].write_bytes(module_source(net, model, cfg, data, out_path, ckpt["_path"]).encode())
+            tmp[1].write_bytes(state_dict_bytes(net))
         else:
             metadata = {"producer": "cnnpipe", "source": str(ckpt["_path"]), "model": str(cfg.model.name),
                         "mean": json.dumps([float(v) for v in data.mean]),
@@ -281,19 +274,14 @@ def export_checkpoint(ckpt_path, fmt: str, out: str | None = None, overrides: li
                         "classes": json.dumps([str(c) for c in data.classes]),
                         "input": "input: float32 N,C,H,W = (pixel/255 - mean)/std (mean, std: JSON lists per channel); "
                                  "output logits: N,classes (order of classes)"}
-            _write(tmp[0], onnx_bytes(net, x[:2], metadata))
+            tmp[0].write_bytes(onnx_bytes(net, x[:2], metadata))
         if _before_check is not None:
             _before_check(tmp)
         if fmt == "torch":
             theirs, what = run_torch(tmp[1], tmp[0], images), f"the PyTorch export ({final[0].name} + {final[1].name})"
         else:
             theirs, what = run_onnx(tmp[0], images), f"the ONNX export {final[0].name} (onnxruntime)"
-        err = compare(ours, theirs, what)
-        for t, p in zip(tmp, final):                 # the definition first: a present out= always has its .py
-            os.replace(t, p)
-    finally:
-        for t in tmp:
-            t.unlink(missing_ok=True)
+        err = compare(ours, theirs, what)           # raises before any rename: nothing is kept
     return {"checkpoint": str(ckpt["_path"]), "format": fmt, "files": [str(p) for p in final],
             "images": int(len(x)), "dataset": str(cfg.data.name), "relative_error": err}
 

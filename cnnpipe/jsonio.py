@@ -1,27 +1,39 @@
-"""JSON files of a run (metrics.json, job.json, summaries): written atomically, read forgivingly."""
+"""Files of a run (metrics.json, job.json, summaries, exports): written atomically; JSON read forgivingly."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Temporary file in the same folder, fsync, rename: a reader sees the old file or the new one, never half."""
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name in path's folder to write to; on a clean exit it is fsynced and renamed to path (a reader
+    sees the old file or the new one, never half), on an error removed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=_jsonable)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: Path, obj: Any, indent: int = 2) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent, default=_jsonable)
 
 
 def read_json(path: Path) -> dict | None:

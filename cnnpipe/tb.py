@@ -31,6 +31,7 @@ import time
 import numpy as np
 
 from cnnpipe.callbacks import Callback
+from cnnpipe.data import normalize
 from cnnpipe.images import DELTA_GAMMA, colorize, confusion_image, diverging, grid
 from cnnpipe.layers import ACTIVATIONS, Conv2d
 from cnnpipe.losses import softmax_cross_entropy
@@ -195,9 +196,7 @@ class TensorBoardLogger(Callback):
         self.window.add(result, seconds)
         self.window_steps, self.window_clipped = self.window_steps + 1, self.window_clipped + result.clipped
         if self.confusion and tr.data.val is None and result.preds is not None:
-            n = len(self.train_confusion)
-            pairs = result.labels.astype(np.int64) * n + result.preds
-            self.train_confusion += np.bincount(pairs, minlength=n * n).reshape(n, n)
+            self.train_confusion += confusion_matrix(result.labels, result.preds, len(self.train_confusion))
         if self.scalar_step(tr, step):
             self._train_scalars(tr, lr, step)
         if self.image_every and step % self.image_every == 0:
@@ -251,7 +250,7 @@ class TensorBoardLogger(Callback):
         self._early_stop(tr)
         self._close_run(tr, metrics)
         self.end_seconds = time.perf_counter() - t0
-        loop = max(sum(tr.history["epoch_seconds"]), 1e-9)
+        loop = max(sum(metrics["epoch_seconds"]), 1e-9)
         log.info("TensorBoard logging took %.2f s in the training loop and at epoch ends: %.1f %% of the %.1f s "
                  "training loop; once a run: %.2f s opening the event file (imports included), %.2f s for the final "
                  "images and summaries", self.seconds, 100 * self.seconds / loop, loop, self.open_seconds,
@@ -287,10 +286,7 @@ class TensorBoardLogger(Callback):
         """Forward + backward of the probe images in eval mode, with their true labels. Returns (loss, x, outputs,
         deltas). Runs after the optimizer step: the next training forward rebuilds every cache; each layer's
         `.delta` and gradient arrays are put back so nothing the trainer or other callbacks see changes."""
-        d = tr.data
-        C = self.probe_u8.shape[1]
-        x = (self.probe_u8 / 255.0 - np.asarray(d.mean).reshape(1, C, 1, 1)) / np.asarray(d.std).reshape(1, C, 1, 1)
-        x = np.ascontiguousarray(x, dtype=tr.dtype)                              # N,C,H,W
+        x = normalize(self.probe_u8, tr.data.mean, tr.data.std, tr.dtype)        # N,C,H,W
         kept = [(layer.delta, dict(layer.grads)) for layer in tr.model.layers]
         outs, h = [], x
         for layer in tr.model.layers:

@@ -120,11 +120,6 @@ def test_the_schema_defaults_and_the_commands_run_directory(compose_cfg):
     cfg = compose_cfg([])
     assert dict(cfg.find_lr) == {"start": 1e-5, "end": 1.0, "steps": 200, "diverge": 4.0, "smoothing": 0.98}
     assert cfg.name == "train"
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        find = compose("find_lr", overrides=["pool=mean"])
-    GlobalHydra.instance().clear()
+    find = compose_cfg(["pool=mean"], config_name="find_lr")
     assert find.name == "find_lr" and find.pool.mode == "mean" and find.find_lr == cfg.find_lr
     assert Path(REPO / "scripts" / "find_lr.py").read_text().count("cnnpipe.commands.find_lr import main") == 1

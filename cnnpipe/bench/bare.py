@@ -15,20 +15,8 @@ import time
 
 import numpy as np
 
-from cnnpipe.bench.runs import REPO, RESULT_TAG
-
-
-def compose(overrides: list[str]):
-    """The real train config (Hydra's compose API), as scripts/train.py would see it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from cnnpipe.config import register_configs
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose("train", overrides=list(overrides))
+from cnnpipe.bench.runs import RESULT_TAG
+from cnnpipe.config import compose_config
 
 
 def step_function(cfg, backend: str):
@@ -86,7 +74,7 @@ def main(argv=None):
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     from cnnpipe.data import load_data
-    cfg = compose(args.overrides + ([] if args.backend == "torch" else [f"backend={args.backend}"]))
+    cfg = compose_config(args.overrides + ([] if args.backend == "torch" else [f"backend={args.backend}"]))
     step = step_function(cfg, args.backend)            # before the data loader imports torch, as in the trainer
     data = load_data(cfg.data, cfg.trainer.seed)
     print(RESULT_TAG + json.dumps(bare_epoch(cfg, data, step, args.budget)), flush=True)

@@ -14,6 +14,7 @@ from cnnpipe.bench.cifar import write_cifar10
 from cnnpipe.bench.headline import PEER, Config, paired_ratio, run_rounds
 from cnnpipe.bench.machine import load_avg, machine_info
 from cnnpipe.bench.runs import harness, user_run
+from cnnpipe.jsonio import write_json_atomic, write_text_atomic
 
 SECTIONS = ("headline", "cifar", "profile", "kernels", "startup", "shared")
 QUICK_SECTIONS = ("headline", "cifar", "profile", "kernels", "startup")
@@ -141,9 +142,9 @@ def main(argv=None) -> int:
     rep["total_seconds"] = time.perf_counter() - t_start
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(rep, indent=1) + "\n")
+    write_json_atomic(out.with_suffix(".json"), rep, indent=1)
     md = report.render(rep)
-    out.with_suffix(".md").write_text(md)
+    write_text_atomic(out.with_suffix(".md"), md)
     if a.readme:
         report.write_readme_section(Path(a.readme), report.render_readme(rep, out))
     print(md)

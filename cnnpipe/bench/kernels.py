@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from cnnpipe.bench.bare import compose
 from cnnpipe.bench.runs import RESULT_TAG
+from cnnpipe.config import compose_config as compose
 
 
 def time_call(fn, min_time: float, min_reps: int = 3, max_reps: int = 500) -> tuple[float, int]:

@@ -4,12 +4,12 @@
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from cnnpipe.cli import fail, run_guarded
 from cnnpipe.evaluate import evaluate_checkpoint, format_report
+from cnnpipe.jsonio import write_json_atomic
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,4 +23,4 @@ def main(argv: list[str] | None = None) -> None:
     result = run_guarded(lambda: evaluate_checkpoint(args["ckpt"], overrides))
     print(format_report(result))
     if "out" in args:
-        Path(args["out"]).write_text(json.dumps(result, indent=2))
+        write_json_atomic(Path(args["out"]), result)

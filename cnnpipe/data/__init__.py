@@ -13,9 +13,9 @@ Dimension letters: N samples, C channels, H,W image size.
 Where the files come from (data.root, data.mirror, Debian's copy, a download) and how they are checked:
 sources.py.
 """
-from cnnpipe.data.batches import batches, crop_flip, num_batches
+from cnnpipe.data.batches import batches, crop_flip, normalize, num_batches
 from cnnpipe.data.bundle import DataBundle, Split, channel_stats, load_data
 from cnnpipe.data.sources import DATASETS, DEBIAN_DIRS, dataset_class, preload_torchvision
 
 __all__ = ["DATASETS", "DEBIAN_DIRS", "DataBundle", "Split", "batches", "channel_stats", "crop_flip",
-           "dataset_class", "load_data", "num_batches", "preload_torchvision"]
+           "dataset_class", "load_data", "normalize", "num_batches", "preload_torchvision"]

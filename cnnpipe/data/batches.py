@@ -25,7 +25,7 @@ def batches(split: Split, batch_size: int, *, mean, std, dtype=np.float32, shuff
     yields from there. Pass a new shuffle_seed each epoch (e.g. [seed, epoch]) for new crops.
     """
     x, y = split.x, split.y                                                 # uint8 N,C,H,W, int64 N
-    n, C = len(y), x.shape[1]
+    n = len(y)
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"batches: dtype must be float32 or float64, got {dtype}")
@@ -36,9 +36,6 @@ def batches(split: Split, batch_size: int, *, mean, std, dtype=np.float32, shuff
     nb = num_batches(n, batch_size)
     if not 0 <= start <= nb:
         raise ValueError(f"batches: start={start} is outside 0..{nb} ({n} samples, batch size {batch_size})")
-    std = np.asarray(std, dtype=np.float64).reshape(C)
-    scale = (1.0 / (255.0 * std)).astype(dtype).reshape(1, C, 1, 1)          # 1,C,1,1
-    offset = (-np.asarray(mean, dtype=np.float64).reshape(C) / std).astype(dtype).reshape(1, C, 1, 1)
     order = np.arange(n) if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(n)
     if augment:
         entropy = 0 if shuffle_seed is None else shuffle_seed
@@ -51,9 +48,18 @@ def batches(split: Split, batch_size: int, *, mean, std, dtype=np.float32, shuff
         xb = x[idx]                                                           # uint8 N,C,H,W
         if augment:
             xb = crop_flip(xb, shift[0, s], shift[1, s], flip[s], crop_padding)
-        out = np.multiply(xb, scale, dtype=dtype)                             # N,C,H,W
-        out += offset
-        yield out, y[idx]
+        yield normalize(xb, mean, std, dtype), y[idx]
+
+
+def normalize(x: np.ndarray, mean, std, dtype=np.float32) -> np.ndarray:
+    """uint8 N,C,H,W -> dtype N,C,H,W = (x/255 - mean)/std per channel, as one multiply-add in dtype."""
+    C = x.shape[1]
+    std = np.asarray(std, dtype=np.float64).reshape(C)
+    scale = (1.0 / (255.0 * std)).astype(dtype).reshape(1, C, 1, 1)          # 1,C,1,1
+    offset = (-np.asarray(mean, dtype=np.float64).reshape(C) / std).astype(dtype).reshape(1, C, 1, 1)
+    out = np.multiply(x, scale, dtype=dtype)                                  # N,C,H,W
+    out += offset
+    return out
 
 
 def crop_flip(x, dy, dx, flip, pad):

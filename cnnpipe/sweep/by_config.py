@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
+from cnnpipe.jsonio import atomic_path, write_text_atomic
 from cnnpipe.sweep.summary import SHOWN_METRICS, table_cell
 
 SEED_KEY = "trainer.seed"
@@ -92,13 +92,11 @@ def seed_statistics(rows, direction: str) -> list[dict] | None:
 
 
 def write_by_config(sweep_dir: Path, configs) -> None:
-    tmp = sweep_dir / f".{STEM}.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(sweep_dir / f"{STEM}.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(configs)
-    os.replace(tmp, sweep_dir / f"{STEM}.csv")
-    (sweep_dir / f"{STEM}.md").write_text(markdown_table(configs) + "\n")
+    write_text_atomic(sweep_dir / f"{STEM}.md", markdown_table(configs) + "\n")
 
 
 def mean_std(c, m) -> str:

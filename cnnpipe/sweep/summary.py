@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
 
 import yaml
 
-from cnnpipe.jsonio import read_json
+from cnnpipe.jsonio import atomic_path, read_json, write_text_atomic
 from cnnpipe.metrics import lower_is_better
 from cnnpipe.sweep.job import JOB_FILE
 
@@ -93,13 +92,11 @@ COLUMNS = ["rank", "job", "status", "metric_name", "metric", "params", "override
 
 
 def write_summary(sweep_dir: Path, rows):
-    tmp = sweep_dir / ".summary.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(sweep_dir / "summary.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, sweep_dir / "summary.csv")
-    (sweep_dir / "summary.md").write_text(markdown_table(rows) + "\n")
+    write_text_atomic(sweep_dir / "summary.md", markdown_table(rows) + "\n")
 
 
 def table_cell(v):
