@@ -84,8 +84,8 @@ def save_atomic(path: Path, arrays: dict[str, np.ndarray], _before_rename=None):
 def load_checkpoint(path) -> dict[str, np.ndarray]:
     """All arrays of a checkpoint, or a CheckpointError naming the file and the problem."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.npz" if (path / "checkpoints").is_dir() else path / "last.npz"
+    if path.is_dir():                                   # a run directory or its checkpoints/ folder
+        path = checkpoint_run_dir(path) / "checkpoints" / "last.npz"
     if not path.exists():
         raise CheckpointError(f"Checkpoint {path} does not exist. Give resume= / ckpt= a checkpoint file "
                               f"(…/checkpoints/last.npz or best.npz) or a run directory that has one.")

@@ -65,11 +65,12 @@ def is_multirun(argv: list[str]) -> bool:
 
 
 def checkpoint_run_dir(path: Path) -> Path | None:
-    """The run directory a `resume=`/`init_from=` value names: the directory itself, or <run> for
-    <run>/checkpoints/x.npz; None for a file elsewhere."""
+    """The run directory a `resume=`/`init_from=`/`ckpt=` value names: <run> for <run>, for <run>/checkpoints (what
+    tab completion gives) and for <run>/checkpoints/x.npz; None for a file elsewhere."""
     path = Path(path)
     if path.is_dir():
-        return path
+        is_folder = path.name == "checkpoints" and not (path / "checkpoints").is_dir()    # not a run named so
+        return path.parent if is_folder else path
     return path.parent.parent if path.parent.name == "checkpoints" else None
 
 

@@ -3,6 +3,7 @@ directories another run holds, all through the command line a user types."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -54,6 +55,14 @@ def test_resume_into_a_new_directory_leaves_the_source_byte_identical(run_a, fas
     train(*tiny_overrides(fashion_root, **SMALL), "trainer.epochs=2", f"hydra.run.dir={straight}")
     assert m["history"]["train_loss"] == metrics(straight)["history"]["train_loss"]
     assert m["test_loss"] == metrics(straight)["test_loss"]
+
+
+def test_resume_from_the_checkpoints_folder_continues_the_run_itself(run_a, fashion_root, tmp_path):
+    """resume=<run>/checkpoints/ (what tab completion gives) names the run, not a new run inside its folder."""
+    a = Path(shutil.copytree(run_a[0], tmp_path / "A"))
+    train(*tiny_overrides(fashion_root, **SMALL), f"resume={a}/checkpoints/", "trainer.epochs=2")
+    assert sorted(p.name for p in (a / "checkpoints").iterdir()) == ["best.npz", "last.npz"]
+    assert metrics(a)["epochs"] == 2 and metrics(a)["steps"] == 8 and list((a / ".hydra").glob("resume-*"))
 
 
 def test_a_fine_tuning_sweep_from_one_checkpoint_writes_only_its_job_dirs(run_a, fashion_root, tmp_path):
