@@ -11,7 +11,7 @@ import numpy as np
 
 from cnnpipe import ConfigError
 from cnnpipe.backends import Backend
-from cnnpipe.shapes import out_size
+from cnnpipe.shapes import check_pool_mode, out_size
 
 
 class Layer:
@@ -136,8 +136,7 @@ class Pool2d(Layer):
 
     def build(self, in_shape: tuple[int, ...], backend: Backend, rng: np.random.Generator, dtype) -> tuple[int, ...]:
         C, H, W = in_shape
-        if self.mode not in ("max", "mean"):
-            raise ConfigError(f"{self.name}: pooling mode '{self.mode}' is unknown; use pool=max or pool=mean.")
+        check_pool_mode(self.mode, self.name)
         if self.size < 1 or self.stride < 1:
             raise ConfigError(f"{self.name}: pool size={self.size} and stride={self.stride} must be >= 1.")
         if H < self.size or W < self.size:

@@ -1,7 +1,10 @@
-"""The one output-size rule of every sliding window (conv and pool, in the layers and in every backend)."""
+"""The one output-size rule of every sliding window (conv and pool, in the layers and in every backend), and the
+checks that come with it (the arrays a conv takes, the pooling modes)."""
 from __future__ import annotations
 
 from cnnpipe import ConfigError
+
+POOL_MODES = ("max", "mean")
 
 
 def out_size(n: int, k: int, stride: int, pad: int = 0, pad_after: int | None = None, what: str = "window") -> int:
@@ -26,10 +29,15 @@ def conv_output(x, w, b, stride: int, pad: int, what: str = "conv2d") -> tuple[i
     return out_size(x.shape[2], K, stride, pad, what=what), out_size(x.shape[3], K, stride, pad, what=what)
 
 
+def check_pool_mode(mode: str, what: str = "pool2d") -> None:
+    """A pooling is max (rule 2) or mean (rule 3)."""
+    if mode not in POOL_MODES:
+        raise ConfigError(f"{what}: pooling mode '{mode}' is unknown; use pool=max or pool=mean.")
+
+
 def pool_output(x, size: int, stride: int, mode: str, what: str = "pool2d") -> tuple[int, int]:
     """Ho, Wo of a pooling, after checking the mode and that x is N,C,H,W."""
-    if mode not in ("max", "mean"):
-        raise ConfigError(f"{what}: unknown pooling mode '{mode}'. Use pool=max or pool=mean.")
+    check_pool_mode(mode, what)
     if x.ndim != 4:
         raise ConfigError(f"{what}: expected an N,C,H,W input, got shape {x.shape}. Put pooling after a conv layer.")
     return out_size(x.shape[2], size, stride, what=what), out_size(x.shape[3], size, stride, what=what)
