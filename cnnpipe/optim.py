@@ -97,8 +97,10 @@ def check_optim_values(cfg):
         bad("min_lr", cfg.min_lr, f"schedule=cosine decays to min_lr, which must be in [0, lr={cfg.lr}]")
     if cfg.schedule not in ("constant", "step", "cosine"):
         bad("schedule", cfg.schedule, "choose constant, step or cosine")
-    if cfg.warmup_steps < 0 or not finite(cfg.warmup_epochs) or cfg.warmup_epochs < 0:
-        bad("warmup_steps", cfg.warmup_steps, "warmup_steps and warmup_epochs must be >= 0")
+    if cfg.warmup_steps < 0:
+        bad("warmup_steps", cfg.warmup_steps, "the warmup's length in steps must be >= 0")
+    if not finite(cfg.warmup_epochs) or cfg.warmup_epochs < 0:
+        bad("warmup_epochs", cfg.warmup_epochs, "the warmup's length in epochs must be a finite number >= 0")
     if cfg.warmup_steps and cfg.warmup_epochs:
         bad("warmup_epochs", cfg.warmup_epochs, "give warmup_steps or warmup_epochs, not both")
     for key in ("clip_norm", "clip_value"):
@@ -120,8 +122,11 @@ def build_optimizer(cfg, params, backend=None):
 
 
 def warmup_steps(cfg, steps_per_epoch: int) -> int:
-    """The linear warmup's length in steps (optim.warmup_steps, or optim.warmup_epochs × steps per epoch)."""
-    return int(cfg.warmup_steps) or round(float(cfg.warmup_epochs) * steps_per_epoch)
+    """The linear warmup's length in steps (optim.warmup_steps, or optim.warmup_epochs × steps per epoch, at least
+    one step: a warmup that was asked for is never rounded away)."""
+    if cfg.warmup_steps or not cfg.warmup_epochs:
+        return int(cfg.warmup_steps)
+    return max(1, round(float(cfg.warmup_epochs) * steps_per_epoch))
 
 
 class LrSchedule:

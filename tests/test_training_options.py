@@ -238,6 +238,25 @@ def test_warmup_runs_in_front_of_the_step_schedule(fashion_root, tmp_path):
     assert [s for s, _ in logged] == list(range(1, 9)) and [v for _, v in logged] == pytest.approx(expected)
 
 
+def test_a_warmup_shorter_than_a_step_is_one_step(fashion_root, tmp_path):
+    """0.2 epochs of 2 steps round to 0; the warmup asked for still takes one step, and the cosine runs over the
+    3 steps after it: TensorBoard's train/lr of every step."""
+    run = tmp_path / "run"
+    train(*tiny_overrides(fashion_root, **SMALL, **{"logger.tensorboard": "true", "logger.scalar_every": "1"}),
+          "optim.lr=0.1", "optim.warmup_epochs=0.2", "optim.schedule=cosine", "optim.min_lr=0", "trainer.epochs=2",
+          f"hydra.run.dir={run}")
+    assert [v for _, v in scalars(run, "train/lr")] == pytest.approx([0.1, 0.1, 0.075, 0.025])
+
+
+@pytest.mark.parametrize("value, shown", [("-1", "-1.0"), ("nan", "nan")])
+def test_a_warmup_in_epochs_that_cannot_work_is_named(fashion_root, tmp_path, value, shown):
+    r = run_script("train.py", *tiny_overrides(fashion_root), f"optim.warmup_epochs={value}",
+                   f"hydra.run.dir={tmp_path / 'r'}")
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 2 and f"optim.warmup_epochs={shown} cannot work" in err and "Traceback" not in err
+    assert "warmup_steps" not in err
+
+
 @pytest.mark.parametrize("override, needle", [
     ("trainer.early_stopping.patience=0", "patience=0"),
     ("trainer.early_stopping.patience=2 trainer.early_stopping.monitor=test_acc", "not a per-epoch metric"),
