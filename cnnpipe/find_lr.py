@@ -74,7 +74,7 @@ def range_test(trainer, fc) -> RangeTest:
             epoch, batch = epoch + 1, next(it)
         x, y = batch                                                            # x N,C,H,W   y N
         try:
-            loss = train_step(trainer.model, trainer.optimizer, x, y, float(lr)).loss
+            loss = train_step(trainer.model, trainer.optimizer, x, y, float(lr), clip=trainer.clip).loss   # as training
         except NonFiniteLoss:
             out.stopped, out.stop_lr = "non-finite", float(lr)
             break
@@ -132,7 +132,8 @@ def find_lr(cfg, run_dir) -> dict:
                           f"find_lr.start, or check the model (conv.k, model.init) and the data normalisation.")
     result = {**asdict(test), "steps": len(test.lr), "suggestion": suggest(test), "caveat": CAVEAT,
               "settings": {"start": fc.start, "end": fc.end, "steps": fc.steps, "diverge": fc.diverge,
-                           "smoothing": fc.smoothing, "optim": cfg.optim.name, "batch_size": cfg.trainer.batch_size,
+                           "smoothing": fc.smoothing, "optim": cfg.optim.name, "clip_norm": cfg.optim.clip_norm,
+                           "clip_value": cfg.optim.clip_value, "batch_size": cfg.trainer.batch_size,
                            "model": cfg.model.name, "backend": cfg.backend.name, "seed": cfg.trainer.seed}}
     image = curve_image(result)
     write_json_atomic(run_dir / "lr_find.json", result)

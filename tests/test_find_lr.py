@@ -90,6 +90,20 @@ def test_tensorboard_holds_the_scalars_and_the_curve(lr_run):
     assert (image.width, image.height, image.step) == (720, 420, n)
 
 
+@pytest.mark.parametrize("clip", ["optim.clip_norm=1e-4", "optim.clip_value=1e-6"])
+def test_the_range_test_clips_gradients_as_training_does(fashion_root, tmp_path, clip):
+    """The same range as lr_run, which diverges; with a tiny optim.clip_* every step moves the weights by at most
+    lr × the clip, so the loss stays where it started and the test runs to find_lr.end."""
+    run = tmp_path / "run"
+    r = run_script("find_lr.py", *tiny_overrides(fashion_root, **RANGE), clip, f"hydra.run.dir={run}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((run / "lr_find.json").read_text())
+    assert res["stopped"] == "end" and res["steps"] == 80
+    assert min(res["smoothed_loss"]) > 0.9 * res["smoothed_loss"][0]       # unclipped it falls to an eighth, then up
+    key, value = clip.split("=")
+    assert res["settings"][key.removeprefix("optim.")] == float(value)
+
+
 @pytest.mark.parametrize("args, needle", [
     (["find_lr.start=0"], "find_lr.start=0.0 cannot work"),
     (["find_lr.start=1", "find_lr.end=0.1"], "find_lr.end=0.1 cannot work"),
