@@ -171,20 +171,6 @@ def test_two_runs_in_one_second_get_two_directories(fashion_root, tmp_path):
     assert {p: v for p, v in tree_state(taken).items() if not p.is_relative_to(new[0])} == before
 
 
-def test_short_runs_log_their_norms_at_the_first_and_last_step(fashion_root, tmp_path):
-    """3 steps, scalar_every 50: the families still appear (at steps 1 and 3)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    run = tmp_path / "short"
-    train(*tiny_overrides(fashion_root, **{"data.val_size": "64", "data.limit_train": "192",
-                                           "trainer.batch_size": "64", "logger.tensorboard": "true"}),
-          f"hydra.run.dir={run}")
-    ea = EventAccumulator(str(run), size_guidance={"scalars": 0})
-    ea.Reload()
-    tags = set(ea.Tags()["scalars"])
-    for tag in ("train/loss", "grad_norm/conv1.W", "delta_norm/conv2", "update_ratio/dense1", "weight_norm/dense3.b"):
-        assert tag in tags and [e.step for e in ea.Scalars(tag)] == [1, 3], tag
-
-
 @pytest.mark.parametrize("override, needle", [
     ("optim.lr=-1", "optim.lr=-1.0 cannot work"), ("optim.lr=nan", "optim.lr=nan cannot work"),
     ("optim.lr=0", "optim.lr=0.0 cannot work"), ("optim.momentum=1.5", "momentum must be in [0, 1)"),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_overrides
+from conftest import run_script, tiny_overrides
 from omegaconf import open_dict
 from PIL import Image
 
@@ -73,6 +73,23 @@ def test_one_event_file_in_the_run_dir_with_every_scalar(tb_run):
     assert all(e.value > 0 for tag in tags if tag.startswith(("grad_norm/", "delta_norm/", "update_ratio/"))
                for e in ea.Scalars(tag))
     assert ea.Scalars("train/lr")[0].value == pytest.approx(tr.cfg.optim.lr)
+
+
+def test_a_run_shorter_than_scalar_every_logs_its_first_step_and_each_epoch_end(fashion_root, tmp_path):
+    """2 epochs × 3 steps with scalar_every 50: every scalar family at steps 1 (the first), 3 and 6 (the epochs'
+    last steps), and at no other step."""
+    run = tmp_path / "short"
+    r = run_script("train.py", *tiny_overrides(fashion_root, **{
+        "data.val_size": "64", "data.limit_train": "192", "trainer.batch_size": "64", "trainer.epochs": "2",
+        "logger.tensorboard": "true", "logger.scalar_every": "50", "checkpoint.enabled": "false"}),
+        f"hydra.run.dir={run}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ea = accumulate(run)
+    families = ["train/loss", "train/accuracy", "train/lr", "train/samples_per_second", "grad_norm/total",
+                *[f"grad_norm/{layer}.{k}" for layer in LAYERS for k in "Wb"], "delta_norm/conv1", "delta_norm/conv2",
+                *[f"update_ratio/{layer}" for layer in LAYERS], "weight_norm/dense3.b"]
+    for tag in families:
+        assert [e.step for e in ea.Scalars(tag)] == [1, 3, 6], tag
 
 
 def test_the_logger_reports_its_own_cost_in_train_log(tb_run):
