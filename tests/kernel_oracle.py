@@ -7,6 +7,7 @@
     check_pool_against_torch(B, N, C, H, W, size, stride, mode, dtype)   # forward + rules 2, 3 vs torch autograd
     fd_check_conv(B, N, C, H, W, F, K, stride, pad)                      # float64 central differences
     fd_check_pool(B, N, C, H, W, size, stride, mode)                     # float64, inputs kept off max ties
+    conv_shapes(H, W, K, stride, pad) -> (Ho, Wo)                        # a window's output size (pool: pad 0)
     random_conv_cases(seed, n) -> [(N, C, H, W, F, K, stride, pad), ...] # valid, varied shapes
     random_pool_cases(seed, n) -> [(N, C, H, W, size, stride, mode), ...]
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as TF
 
 from cnnpipe.gradcheck import central_difference
+from cnnpipe.shapes import out_size
 
 TOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
 
@@ -54,7 +56,8 @@ def _torch(a):
 
 
 def conv_shapes(H, W, K, stride, pad):
-    return (H + 2 * pad - K) // stride + 1, (W + 2 * pad - K) // stride + 1
+    """Ho, Wo of a window: cnnpipe's own rule is fine here, since torch's output (its shape too) is the oracle."""
+    return out_size(H, K, stride, pad), out_size(W, K, stride, pad)
 
 
 def check_conv_against_torch(B, N, C, H, W, F, K, stride, pad, dtype, seed=0):

@@ -15,6 +15,7 @@ from kernel_oracle import (  # noqa: E402
     TOL,
     check_conv_against_torch,
     check_pool_against_torch,
+    conv_shapes,
     random_conv_cases,
     random_pool_cases,
     rel_err,
@@ -59,7 +60,7 @@ def _conv_data(case, dtype, seed=0):
     x = rng.standard_normal((N, C, H, W)).astype(dtype)  # N,C,H,W
     w = rng.standard_normal((F, C, K, K)).astype(dtype)  # F,C,K,K
     b = rng.standard_normal(F).astype(dtype)  # F
-    Ho, Wo = (H + 2 * P - K) // S + 1, (W + 2 * P - K) // S + 1
+    Ho, Wo = conv_shapes(H, W, K, S, P)
     dy = rng.standard_normal((N, F, Ho, Wo)).astype(dtype)  # N,F,Ho,Wo
     return x, w, b, dy, S, P
 

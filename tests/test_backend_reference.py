@@ -11,6 +11,7 @@ from kernel_oracle import (
     assert_close,
     check_conv_against_torch,
     check_pool_against_torch,
+    conv_shapes,
     fd_check_conv,
     fd_check_pool,
     random_conv_cases,
@@ -43,7 +44,7 @@ def _conv_data(case, dtype, seed):
     N, C, H, W, F, K, S, P = case
     rng = np.random.default_rng(seed)
     x, w, b = (rng.standard_normal(s).astype(dtype) for s in [(N, C, H, W), (F, C, K, K), (F,)])
-    dy = rng.standard_normal((N, F, (H + 2 * P - K) // S + 1, (W + 2 * P - K) // S + 1)).astype(dtype)  # N,F,Ho,Wo
+    dy = rng.standard_normal((N, F, *conv_shapes(H, W, K, S, P))).astype(dtype)  # N,F,Ho,Wo
     return x, w, b, dy, S, P
 
 
@@ -52,7 +53,7 @@ def _pool_data_with_ties(case, dtype, seed):
     N, C, H, W, k, S, mode = case
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 3, size=(N, C, H, W)).astype(dtype)  # N,C,H,W
-    dy = rng.standard_normal((N, C, (H - k) // S + 1, (W - k) // S + 1)).astype(dtype)  # N,C,Ho,Wo
+    dy = rng.standard_normal((N, C, *conv_shapes(H, W, k, S, 0))).astype(dtype)  # N,C,Ho,Wo
     return x, dy, k, S, mode
 
 
