@@ -3,25 +3,16 @@ IDX format where torchvision's FashionMNIST looks for it."""
 from __future__ import annotations
 
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from datasets import idx_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-
-
-def write_idx(path: Path, array: np.ndarray):
-    """IDX: magic (0, 0, dtype 0x08 = uint8, ndim), big-endian int32 sizes, then the raw bytes."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    with open(path, "wb") as f:
-        f.write(struct.pack(">BBBB", 0, 0, 0x08, array.ndim))
-        f.write(struct.pack(f">{array.ndim}I", *array.shape))
-        f.write(array.tobytes())
 
 
 def learnable_images(n, seed, size=28, classes=10):
@@ -40,8 +31,8 @@ def make_fashion_root(root: Path, n_train=600, n_test=200, seed=0) -> Path:
     raw.mkdir(parents=True, exist_ok=True)
     for split, n, s in (("train", n_train, seed), ("t10k", n_test, seed + 1)):
         x, y = learnable_images(n, s)
-        write_idx(raw / f"{split}-images-idx3-ubyte", x)
-        write_idx(raw / f"{split}-labels-idx1-ubyte", y)
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(idx_bytes(x))
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(idx_bytes(y))
     return root
 
 

@@ -7,8 +7,6 @@ import struct
 import tarfile
 
 import numpy as np
-import torchvision.datasets as tvd
-from torchvision.datasets.utils import calculate_md5
 
 
 def idx_bytes(a: np.ndarray) -> bytes:
@@ -32,6 +30,7 @@ def images(n, c, h, w, seed, ids=True):
 
 def write_mnist_family(folder, n_train=300, n_test=100, gz=True, seed=0):
     """The four MNIST-family files in folder (gzipped archives, or extracted as torchvision keeps them)."""
+    from torchvision.datasets.utils import calculate_md5  # torchvision on use: conftest imports idx_bytes
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     arrays = {"train-images-idx3-ubyte": images(n_train, 1, 28, 28, seed)[:, 0],
@@ -52,6 +51,7 @@ def write_cifar(folder, cls, per_batch=40, n_test=50, seed=0):
     base = os.path.join(folder, cls.base_folder)
     os.makedirs(base, exist_ok=True)
     rng = np.random.default_rng(seed)
+    import torchvision.datasets as tvd
     hundred = cls is tvd.CIFAR100
     k = 100 if hundred else 10
     label_key = "fine_labels" if hundred else "labels"
