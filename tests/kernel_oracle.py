@@ -8,6 +8,8 @@
     fd_check_conv(B, N, C, H, W, F, K, stride, pad)                      # float64 central differences
     fd_check_pool(B, N, C, H, W, size, stride, mode)                     # float64, inputs kept off max ties
     conv_shapes(H, W, K, stride, pad) -> (Ho, Wo)                        # a window's output size (pool: pad 0)
+    conv_data(case, dtype, seed) -> x, w, b, dy, stride, pad             # random arrays of a conv case
+    EDGE_CONV_CASES, EDGE_POOL_CASES, DTYPES, case_id                    # the cases every backend is checked on
     random_conv_cases(seed, n) -> [(N, C, H, W, F, K, stride, pad), ...] # valid, varied shapes
     random_pool_cases(seed, n) -> [(N, C, H, W, size, stride, mode), ...]
 
@@ -25,6 +27,29 @@ from cnnpipe.gradcheck import central_difference
 from cnnpipe.shapes import out_size
 
 TOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
+DTYPES = [np.float32, np.float64]
+
+# hand-picked edges every backend is checked on (N, C, H, W, F, K, stride, pad); each backend's tests add the
+# layer shapes and randomized cases they care about
+EDGE_CONV_CASES = [
+    (2, 3, 8, 8, 4, 3, 1, 1),    # odd K, "same" padding
+    (2, 2, 9, 7, 3, 4, 1, 0),    # even K, rectangular
+    (1, 2, 10, 11, 3, 2, 2, 0),  # even K, stride 2, remainder column dropped
+    (2, 1, 7, 7, 2, 3, 3, 2),    # stride 3 with pad: padded rows no window reaches
+    (3, 2, 5, 6, 2, 1, 2, 3),    # 1x1 kernel, big pad
+    (1, 1, 2, 3, 1, 6, 1, 2),    # kernel larger than the unpadded input
+]
+EDGE_POOL_CASES = [                                             # (N, C, H, W, size, stride, mode)
+    (2, 3, 8, 8, 2, 2, "max"), (2, 3, 8, 8, 2, 2, "mean"),      # tiled
+    (2, 2, 7, 9, 2, 2, "max"), (2, 2, 7, 9, 2, 2, "mean"),      # uneven: remainder dropped, zero grad
+    (2, 2, 9, 8, 3, 2, "max"), (2, 2, 9, 8, 3, 2, "mean"),      # overlapping
+    (2, 2, 9, 10, 2, 3, "max"), (2, 2, 9, 10, 2, 3, "mean"),    # gapped
+    (1, 2, 6, 6, 1, 1, "max"), (1, 2, 5, 5, 3, 1, "mean"),      # size 1; stride 1 heavy overlap
+]
+
+
+def case_id(case):
+    return "-".join(map(str, case))
 
 
 def rel_err(got, ref):
@@ -60,14 +85,21 @@ def conv_shapes(H, W, K, stride, pad):
     return out_size(H, K, stride, pad), out_size(W, K, stride, pad)
 
 
-def check_conv_against_torch(B, N, C, H, W, F, K, stride, pad, dtype, seed=0):
-    """B.conv2d_forward/backward vs torch.nn.functional.conv2d + autograd in the same dtype."""
+def conv_data(case, dtype, seed=0):
+    """x, w, b and an upstream dy for a conv case (N, C, H, W, F, K, stride, pad), standard normal in dtype, and
+    the case's stride and pad."""
+    N, C, H, W, F, K, S, P = case
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((N, C, H, W)).astype(dtype)  # N,C,H,W
     w = rng.standard_normal((F, C, K, K)).astype(dtype)  # F,C,K,K
     b = rng.standard_normal(F).astype(dtype)  # F
-    Ho, Wo = conv_shapes(H, W, K, stride, pad)
-    dy = rng.standard_normal((N, F, Ho, Wo)).astype(dtype)  # N,F,Ho,Wo
+    dy = rng.standard_normal((N, F, *conv_shapes(H, W, K, S, P))).astype(dtype)  # N,F,Ho,Wo
+    return x, w, b, dy, S, P
+
+
+def check_conv_against_torch(B, N, C, H, W, F, K, stride, pad, dtype, seed=0):
+    """B.conv2d_forward/backward vs torch.nn.functional.conv2d + autograd in the same dtype."""
+    x, w, b, dy, _, _ = conv_data((N, C, H, W, F, K, stride, pad), dtype, seed)
     y, cache = B.conv2d_forward(x, w, b, stride=stride, pad=pad)
     dx, dw, db = B.conv2d_backward(dy, cache)
     tx, tw, tb = _torch(x), _torch(w), _torch(b)

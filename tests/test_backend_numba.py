@@ -12,10 +12,14 @@ import pytest
 pytest.importorskip("numba")
 
 from kernel_oracle import (  # noqa: E402
+    DTYPES,
+    EDGE_CONV_CASES,
+    EDGE_POOL_CASES,
     TOL,
+    case_id,
     check_conv_against_torch,
     check_pool_against_torch,
-    conv_shapes,
+    conv_data,
     random_conv_cases,
     random_pool_cases,
     rel_err,
@@ -27,48 +31,18 @@ from cnnpipe.backends import get_backend, set_threads  # noqa: E402
 from cnnpipe.backends import numpy_backend as REF  # noqa: E402
 from cnnpipe.backends.numba import conv, dense, optim, runtime  # noqa: E402
 
-CONV_CASES = [
-    (2, 3, 8, 8, 4, 3, 1, 1),    # odd K, "same" padding
-    (2, 2, 9, 7, 3, 4, 1, 0),    # even K, rectangular
-    (1, 2, 10, 11, 3, 2, 2, 0),  # even K, stride 2, remainder column dropped
-    (2, 1, 7, 7, 2, 3, 3, 2),    # stride 3 with pad: padded rows no window reaches
-    (3, 2, 5, 6, 2, 1, 2, 3),    # 1x1 kernel, big pad
-    (1, 1, 2, 3, 1, 6, 1, 2),    # kernel larger than the unpadded input
+CONV_CASES = EDGE_CONV_CASES + [
     (3, 1, 28, 28, 6, 5, 1, 2),  # LeNet-5 conv1
     (3, 6, 14, 14, 16, 5, 1, 0),  # LeNet-5 conv2
     (2, 32, 14, 14, 8, 5, 1, 2),  # convnet conv2 (fewer filters)
 ] + random_conv_cases(seed=11, n=20)
-
-POOL_CASES = [
-    (2, 3, 8, 8, 2, 2, "max"), (2, 3, 8, 8, 2, 2, "mean"),      # tiled
-    (2, 2, 7, 9, 2, 2, "max"), (2, 2, 7, 9, 2, 2, "mean"),      # uneven: remainder dropped, zero grad
-    (2, 2, 9, 8, 3, 2, "max"), (2, 2, 9, 8, 3, 2, "mean"),      # overlapping
-    (2, 2, 9, 10, 2, 3, "max"), (2, 2, 9, 10, 2, 3, "mean"),    # gapped
-    (1, 2, 6, 6, 1, 1, "max"), (1, 2, 5, 5, 3, 1, "mean"),      # size 1; stride 1 heavy overlap
-] + random_pool_cases(seed=12, n=20)
-
-DTYPES = [np.float32, np.float64]
-
-
-def _id(case):
-    return "-".join(map(str, case))
-
-
-def _conv_data(case, dtype, seed=0):
-    N, C, H, W, F, K, S, P = case
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((N, C, H, W)).astype(dtype)  # N,C,H,W
-    w = rng.standard_normal((F, C, K, K)).astype(dtype)  # F,C,K,K
-    b = rng.standard_normal(F).astype(dtype)  # F
-    Ho, Wo = conv_shapes(H, W, K, S, P)
-    dy = rng.standard_normal((N, F, Ho, Wo)).astype(dtype)  # N,F,Ho,Wo
-    return x, w, b, dy, S, P
+POOL_CASES = EDGE_POOL_CASES + random_pool_cases(seed=12, n=20)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("case", CONV_CASES, ids=_id)
+@pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
 def test_conv_matches_numpy_reference(case, dtype):
-    x, w, b, dy, S, P = _conv_data(case, dtype, seed=sum(case))
+    x, w, b, dy, S, P = conv_data(case, dtype, seed=sum(case))
     y, cache = B.conv2d_forward(x, w, b, stride=S, pad=P)
     y_ref, cache_ref = REF.conv2d_forward(x, w, b, stride=S, pad=P)
     got, ref = B.conv2d_backward(dy, cache), REF.conv2d_backward(dy, cache_ref)
@@ -78,13 +52,13 @@ def test_conv_matches_numpy_reference(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("case", CONV_CASES[::2], ids=_id)
+@pytest.mark.parametrize("case", CONV_CASES[::2], ids=case_id)
 def test_conv_matches_torch(case, dtype):
     check_conv_against_torch(B, *case, dtype=dtype, seed=len(case) + sum(case))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("case", POOL_CASES, ids=_id)
+@pytest.mark.parametrize("case", POOL_CASES, ids=case_id)
 def test_pool_matches_numpy_reference_with_ties(case, dtype):
     """Integer-valued inputs: many ties, so the first-max-in-row-major rule is exercised everywhere."""
     N, C, H, W, R, S, mode = case
@@ -102,7 +76,7 @@ def test_pool_matches_numpy_reference_with_ties(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("case", POOL_CASES[::2], ids=_id)
+@pytest.mark.parametrize("case", POOL_CASES[::2], ids=case_id)
 def test_pool_matches_torch(case, dtype):
     check_pool_against_torch(B, *case, dtype=dtype, seed=case[2] * case[3])
 
@@ -131,7 +105,7 @@ def test_uneven_pool_remainder_gets_zero_gradient():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_need_dx_false_skips_rule4_only(dtype):
-    x, w, b, dy, S, P = _conv_data((3, 3, 9, 9, 4, 3, 2, 1), dtype)
+    x, w, b, dy, S, P = conv_data((3, 3, 9, 9, 4, 3, 2, 1), dtype)
     _, cache = B.conv2d_forward(x, w, b, stride=S, pad=P)
     dx0, dw0, db0 = B.conv2d_backward(dy, cache, need_dx=False)
     dx1, dw1, db1 = B.conv2d_backward(dy, cache)
@@ -144,7 +118,7 @@ def test_need_dx_false_skips_rule4_only(dtype):
 def test_the_same_bits_whatever_the_threads_running_now():
     """Work is cut by the run's thread budget, not by the threads running now, so the thread governor may drop to
     one thread mid-run without changing a bit: every kernel gives the same arrays with 2 threads and with 1."""
-    x, w, b, dy, S, P = _conv_data((2, 6, 14, 14, 16, 5, 1, 2), np.float32, seed=5)   # one chunk by size
+    x, w, b, dy, S, P = conv_data((2, 6, 14, 14, 16, 5, 1, 2), np.float32, seed=5)   # one chunk by size
     rng = np.random.default_rng(2)
     a, m = rng.standard_normal((64, 3136)).astype(np.float32), rng.standard_normal((3136, 300)).astype(np.float32)
     p0, g = rng.standard_normal(1 << 17).astype(np.float32), rng.standard_normal(1 << 17).astype(np.float32)
@@ -169,7 +143,7 @@ def test_the_same_bits_whatever_the_threads_running_now():
 @pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["default-chunks", "one-sample-chunks"])
 def test_deterministic_and_chunking_agrees(monkeypatch, chunk_bytes):
     """Two calls are bit-identical; a batch split into chunks (rule 5's sum over chunks) agrees too."""
-    x, w, b, dy, S, P = _conv_data((8, 6, 14, 14, 16, 5, 1, 2), np.float32, seed=3)
+    x, w, b, dy, S, P = conv_data((8, 6, 14, 14, 16, 5, 1, 2), np.float32, seed=3)
     y0, c0 = B.conv2d_forward(x, w, b, stride=S, pad=P)
     g0 = B.conv2d_backward(dy, c0)
     if chunk_bytes is not None:
@@ -192,7 +166,7 @@ def test_deterministic_and_chunking_agrees(monkeypatch, chunk_bytes):
 
 def test_outputs_are_fresh_arrays_not_reused_buffers():
     """A later call on the same shapes (reusing work buffers) must not change what an earlier call returned."""
-    x, w, b, dy, S, P = _conv_data((4, 3, 10, 10, 5, 3, 1, 1), np.float32, seed=5)
+    x, w, b, dy, S, P = conv_data((4, 3, 10, 10, 5, 3, 1, 1), np.float32, seed=5)
     y1, c1 = B.conv2d_forward(x, w, b, stride=S, pad=P)
     g1 = B.conv2d_backward(dy, c1)
     p1, pc1 = B.pool2d_forward(y1, 2, 2, "max")
@@ -211,7 +185,7 @@ def test_outputs_are_fresh_arrays_not_reused_buffers():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_dtype_preserved_and_mixed_dtype_grads_follow_the_input(dtype):
-    x, w, b, dy, S, P = _conv_data((2, 3, 10, 10, 4, 3, 1, 1), dtype)
+    x, w, b, dy, S, P = conv_data((2, 3, 10, 10, 4, 3, 1, 1), dtype)
     y, cache = B.conv2d_forward(x, w.astype(np.float64), b.astype(np.float64), stride=S, pad=P)
     grads = B.conv2d_backward(dy.astype(np.float64), cache)
     assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
@@ -295,7 +269,7 @@ def test_conv_restores_blas_threads_and_handles_one_thread():
     import numba
     from threadpoolctl import threadpool_info
     before = [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
-    x, w, b, dy, S, P = _conv_data((4, 3, 9, 9, 5, 3, 1, 1), np.float64, seed=7)
+    x, w, b, dy, S, P = conv_data((4, 3, 9, 9, 5, 3, 1, 1), np.float64, seed=7)
     y2, c2 = B.conv2d_forward(x, w, b, stride=S, pad=P)
     g2 = B.conv2d_backward(dy, c2)
     assert [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"] == before
@@ -314,7 +288,7 @@ def test_kept_columns_equal_rebuilt_columns(monkeypatch):
     """Forward keeps its columns for backward when they fit; rebuilding them instead (a big batch, or a
     second backward on the same cache) gives bit-identical gradients, even if the thread count changed."""
     import numba
-    x, w, b, dy, S, P = _conv_data((6, 4, 11, 11, 5, 3, 2, 1), np.float32, seed=11)
+    x, w, b, dy, S, P = conv_data((6, 4, 11, 11, 5, 3, 2, 1), np.float32, seed=11)
     y, c = B.conv2d_forward(x, w, b, stride=S, pad=P)
     assert c.cols is not None and c.cols.valid           # kept: small batch
     n = numba.get_num_threads()
@@ -340,8 +314,8 @@ def test_second_backward_after_a_forward_reused_the_columns(need_dx):
     """The first backward gives forward's column buffer back; a forward on other data takes it over. A second
     backward on the first cache must rebuild its columns, not read the other batch's; both caches give the
     gradients of their own batch, equal to the numpy reference."""
-    x1, w, b, dy1, S, P = _conv_data((4, 3, 10, 10, 5, 3, 1, 1), np.float32, seed=21)
-    x2, _, _, dy2, _, _ = _conv_data((4, 3, 10, 10, 5, 3, 1, 1), np.float32, seed=22)
+    x1, w, b, dy1, S, P = conv_data((4, 3, 10, 10, 5, 3, 1, 1), np.float32, seed=21)
+    x2, _, _, dy2, _, _ = conv_data((4, 3, 10, 10, 5, 3, 1, 1), np.float32, seed=22)
     _, c1 = B.conv2d_forward(x1, w, b, stride=S, pad=P)
     first = B.conv2d_backward(dy1, c1, need_dx=need_dx)
     _, c2 = B.conv2d_forward(x2, w, b, stride=S, pad=P)

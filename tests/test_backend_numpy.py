@@ -2,6 +2,10 @@
 import numpy as np
 import pytest
 from kernel_oracle import (
+    DTYPES,
+    EDGE_CONV_CASES,
+    EDGE_POOL_CASES,
+    case_id,
     check_conv_against_torch,
     check_pool_against_torch,
     fd_check_conv,
@@ -16,56 +20,37 @@ from cnnpipe.backends import BACKENDS, get_backend
 from cnnpipe.backends import numpy_backend as B
 from cnnpipe.backends import reference as REF
 
-# hand-picked edges + randomized shapes (K 1-6, stride 1-3, pad 0-3, H != W)
-CONV_CASES = [
-    (2, 3, 8, 8, 4, 3, 1, 1),   # odd K, "same" padding
-    (2, 2, 9, 7, 3, 4, 1, 0),   # even K, rectangular
-    (1, 2, 10, 11, 3, 2, 2, 0),  # even K, stride 2, remainder column dropped
-    (2, 1, 7, 7, 2, 3, 3, 2),   # stride 3 with pad: padded rows no window reaches
-    (3, 2, 5, 6, 2, 1, 2, 3),   # 1x1 kernel, big pad
-    (1, 1, 2, 3, 1, 6, 1, 2),   # kernel larger than the unpadded input
+# the shared edges + LeNet-5's layers + randomized shapes (K 1-6, stride 1-3, pad 0-3, H != W)
+CONV_CASES = EDGE_CONV_CASES + [
     (2, 1, 28, 28, 6, 5, 1, 2),  # LeNet-5 conv1
     (2, 6, 14, 14, 16, 5, 1, 0),  # LeNet-5 conv2
 ] + random_conv_cases(seed=1, n=24)
-
-POOL_CASES = [
-    (2, 3, 8, 8, 2, 2, "max"), (2, 3, 8, 8, 2, 2, "mean"),      # tiled
-    (2, 2, 7, 9, 2, 2, "max"), (2, 2, 7, 9, 2, 2, "mean"),      # tiled, odd sizes: remainder dropped
-    (2, 2, 9, 8, 3, 2, "max"), (2, 2, 9, 8, 3, 2, "mean"),      # overlapping
-    (2, 2, 9, 10, 2, 3, "max"), (2, 2, 9, 10, 2, 3, "mean"),    # gapped
-    (1, 2, 6, 6, 1, 1, "max"), (1, 2, 5, 5, 3, 1, "mean"),      # size 1, stride 1 heavy overlap
-] + random_pool_cases(seed=2, n=24)
-
-DTYPES = [np.float32, np.float64]
-
-
-def _id(case):
-    return "-".join(map(str, case))
+POOL_CASES = EDGE_POOL_CASES + random_pool_cases(seed=2, n=24)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("case", CONV_CASES, ids=_id)
+@pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
 def test_conv_matches_torch(case, dtype):
     check_conv_against_torch(B, *case, dtype=dtype, seed=len(case) + sum(case))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("case", POOL_CASES, ids=_id)
+@pytest.mark.parametrize("case", POOL_CASES, ids=case_id)
 def test_pool_matches_torch(case, dtype):
     check_pool_against_torch(B, *case, dtype=dtype, seed=case[2] * case[3])
 
 
-@pytest.mark.parametrize("case", CONV_CASES[:6] + random_conv_cases(seed=3, n=6), ids=_id)
+@pytest.mark.parametrize("case", CONV_CASES[:6] + random_conv_cases(seed=3, n=6), ids=case_id)
 def test_conv_finite_differences(case):
     fd_check_conv(B, *case)
 
 
-@pytest.mark.parametrize("case", POOL_CASES[:10] + random_pool_cases(seed=4, n=6), ids=_id)
+@pytest.mark.parametrize("case", POOL_CASES[:10] + random_pool_cases(seed=4, n=6), ids=case_id)
 def test_pool_finite_differences(case):
     fd_check_pool(B, *case)
 
 
-@pytest.mark.parametrize("case", CONV_CASES[:8] + random_conv_cases(seed=5, n=8), ids=_id)
+@pytest.mark.parametrize("case", CONV_CASES[:8] + random_conv_cases(seed=5, n=8), ids=case_id)
 def test_rule4_flipped_kernel_and_rule5_reference_equal_fast_path(case):
     """im2col + GEMM gives the literal formulas' numbers (the reference backend: full convolution of δ with the
     flipped kernel, valid correlation of the zero-padded input with δ)."""

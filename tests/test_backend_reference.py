@@ -8,16 +8,19 @@ import numpy as np
 import pytest
 from conftest import REPO, run_script
 from kernel_oracle import (
+    DTYPES,
     assert_close,
+    case_id,
     check_conv_against_torch,
     check_pool_against_torch,
+    conv_data,
     conv_shapes,
     fd_check_conv,
     fd_check_pool,
     random_conv_cases,
     random_pool_cases,
 )
-from test_backend_numpy import CONV_CASES, POOL_CASES, _id  # the numpy backend's edge cases + randomized shapes
+from test_backend_numpy import CONV_CASES, POOL_CASES  # the numpy backend's edge cases + randomized shapes
 
 from cnnpipe import ConfigError
 from cnnpipe.backends import get_backend
@@ -26,8 +29,6 @@ from cnnpipe.backends import reference as B
 from cnnpipe.gradcheck import gradcheck
 from cnnpipe.losses import softmax_cross_entropy
 from cnnpipe.model import build_model
-
-DTYPES = [np.float32, np.float64]
 
 
 def _conv_grads(backend, x, w, b, dy, S, P):
@@ -38,14 +39,6 @@ def _conv_grads(backend, x, w, b, dy, S, P):
 def _pool_grads(backend, x, dy, size, S, mode):
     y, cache = backend.pool2d_forward(x, size=size, stride=S, mode=mode)
     return y, backend.pool2d_backward(dy, cache)
-
-
-def _conv_data(case, dtype, seed):
-    N, C, H, W, F, K, S, P = case
-    rng = np.random.default_rng(seed)
-    x, w, b = (rng.standard_normal(s).astype(dtype) for s in [(N, C, H, W), (F, C, K, K), (F,)])
-    dy = rng.standard_normal((N, F, *conv_shapes(H, W, K, S, P))).astype(dtype)  # N,F,Ho,Wo
-    return x, w, b, dy, S, P
 
 
 def _pool_data_with_ties(case, dtype, seed):
@@ -60,28 +53,28 @@ def _pool_data_with_ties(case, dtype, seed):
 # ----------------------------------------------------------------------------- against torch, numpy, numba, FD
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("case", CONV_CASES, ids=_id)
+@pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
 def test_conv_matches_torch(case, dtype):
     check_conv_against_torch(B, *case, dtype=dtype, seed=len(case) + sum(case))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("case", POOL_CASES, ids=_id)
+@pytest.mark.parametrize("case", POOL_CASES, ids=case_id)
 def test_pool_matches_torch(case, dtype):
     check_pool_against_torch(B, *case, dtype=dtype, seed=case[2] * case[3])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("case", random_conv_cases(seed=21, n=16), ids=_id)
+@pytest.mark.parametrize("case", random_conv_cases(seed=21, n=16), ids=case_id)
 def test_conv_matches_numpy_backend(case, dtype):
-    x, w, b, dy, S, P = _conv_data(case, dtype, seed=sum(case))
+    x, w, b, dy, S, P = conv_data(case, dtype, seed=sum(case))
     for name, got, ref in zip(("y", "dx (rule 4)", "dw (rule 5)", "db (rule 6)"),
                               _conv_grads(B, x, w, b, dy, S, P), _conv_grads(NP, x, w, b, dy, S, P)):
         assert_close(f"conv {name}", got, ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("case", POOL_CASES[:10] + random_pool_cases(seed=22, n=12), ids=_id)
+@pytest.mark.parametrize("case", POOL_CASES[:10] + random_pool_cases(seed=22, n=12), ids=case_id)
 def test_pool_matches_numpy_backend_with_ties(case, dtype):
     x, dy, k, S, mode = _pool_data_with_ties(case, dtype, seed=case[2] * case[3] + case[4])
     y, dx = _pool_grads(B, x, dy, k, S, mode)
@@ -96,21 +89,21 @@ def test_conv_and_pool_match_numba_backend():
     NB = pytest.importorskip("cnnpipe.backends.numba")
     for dtype in DTYPES:
         for case in CONV_CASES[:8]:
-            x, w, b, dy, S, P = _conv_data(case, dtype, seed=3)
+            x, w, b, dy, S, P = conv_data(case, dtype, seed=3)
             for got, ref in zip(_conv_grads(B, x, w, b, dy, S, P), _conv_grads(NB, x, w, b, dy, S, P)):
-                assert_close(f"conv {_id(case)}", got, ref, dtype)
+                assert_close(f"conv {case_id(case)}", got, ref, dtype)
         for case in POOL_CASES[:10]:
             x, dy, k, S, mode = _pool_data_with_ties(case, dtype, seed=4)
             for got, ref in zip(_pool_grads(B, x, dy, k, S, mode), _pool_grads(NB, x, dy, k, S, mode)):
-                assert_close(f"pool {_id(case)}", got, ref, dtype)
+                assert_close(f"pool {case_id(case)}", got, ref, dtype)
 
 
-@pytest.mark.parametrize("case", CONV_CASES[:6] + random_conv_cases(seed=23, n=6), ids=_id)
+@pytest.mark.parametrize("case", CONV_CASES[:6] + random_conv_cases(seed=23, n=6), ids=case_id)
 def test_conv_finite_differences(case):
     fd_check_conv(B, *case)
 
 
-@pytest.mark.parametrize("case", POOL_CASES[:10] + random_pool_cases(seed=24, n=6), ids=_id)
+@pytest.mark.parametrize("case", POOL_CASES[:10] + random_pool_cases(seed=24, n=6), ids=case_id)
 def test_pool_finite_differences(case):
     fd_check_pool(B, *case)
 
@@ -160,7 +153,7 @@ def test_remainders_get_zero_gradient():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_need_dx_false_skips_rule4_only(dtype):
-    x, w, b, dy, S, P = _conv_data((2, 3, 9, 9, 4, 3, 2, 1), dtype, seed=0)
+    x, w, b, dy, S, P = conv_data((2, 3, 9, 9, 4, 3, 2, 1), dtype, seed=0)
     _, cache = B.conv2d_forward(x, w, b, stride=S, pad=P)
     dx0, dw0, db0 = B.conv2d_backward(dy, cache, need_dx=False)
     dx1, dw1, db1 = B.conv2d_backward(dy, cache)
