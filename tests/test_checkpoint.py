@@ -79,7 +79,7 @@ def test_checkpoint_needs_no_pickle_and_holds_the_state(compose_cfg, fashion_roo
     make_trainer(compose_cfg(_overrides(fashion_root, "numpy", **{"trainer.epochs": "1"})), tmp_path).fit()
     with np.load(tmp_path / "checkpoints" / "last.npz", allow_pickle=False) as z:
         keys = set(z.files)
-        assert all(z[k].dtype != object for k in keys)
+        assert all(z[k].dtype.kind in "biufU" for k in keys)     # numbers and unicode text only
     assert {"format_version", "config", "rng/dropout", "trainer/epoch", "trainer/step", "trainer/batch_in_epoch",
             "trainer/best", "optim/t", "optim/m/conv1.W", "optim/v/dense2.b", "param/conv1.W"} <= keys
     assert (tmp_path / "checkpoints" / "best.npz").exists()
@@ -203,7 +203,8 @@ def test_evaluate_reproduces_the_final_test_accuracy(finished_run, tmp_path):
     assert e["test_acc"] == m["test_acc"] and e["test_loss"] == pytest.approx(m["test_loss"], rel=1e-12)
     conf = np.array(e["confusion"])
     assert conf.sum() == e["n"] and np.trace(conf) / e["n"] == pytest.approx(e["test_acc"])
-    assert "confusion matrix" in r.stdout and "per" not in r.stderr
+    assert f"test loss {m['test_loss']:.4f}   accuracy {m['test_acc']:.4f}" in r.stdout      # the report says so
+    assert "confusion matrix" in r.stdout
 
 
 def test_unwritable_output_dir_fails_before_training(tmp_path, fashion_root):
