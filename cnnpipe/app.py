@@ -10,6 +10,8 @@ import threading
 import types
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 from cnnpipe import ConfigError
 from cnnpipe.checkpoint import Checkpointer, checkpoint_arrays, load_checkpoint, run_dir_of, save_atomic
 from cnnpipe.early_stop import EarlyStopping
@@ -22,7 +24,7 @@ from cnnpipe.train import Trainer
 log = logging.getLogger("cnnpipe")
 
 
-def make_trainer(cfg, run_dir, overrides: list[str] | None = None) -> Trainer:
+def make_trainer(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> Trainer:
     """A Trainer writing into run_dir, with its callbacks. With cfg.resume: rebuilt from the checkpoint's state;
     in the checkpoint's own run directory it continues that run, elsewhere it starts a new run from that state and
     the source run is only read. With cfg.init_from: a new run (step 0) from the checkpoint's weights."""
@@ -76,7 +78,7 @@ def _continue_from(trainer: Trainer, ckpt) -> None:
              trainer.run_dir, source)
 
 
-def train(cfg, run_dir, overrides: list[str] | None = None) -> float:
+def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> float:
     """Run one training job in run_dir and return the optimized metric (for Hydra's sweepers).
 
     SIGINT/SIGTERM/SIGUSR2 finish the step in progress, write checkpoints/last.npz and raise Interrupted. SLURM

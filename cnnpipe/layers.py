@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from cnnpipe import ConfigError
 from cnnpipe.backends import Backend
@@ -19,14 +20,15 @@ class Layer:
     kind = "layer"
     has_delta_map = False               # conv/dense: TensorBoard shows the δ this layer received
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.name = self.kind
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
         self.in_shape = self.out_shape = None
         self.delta = None               # last δ received in backward (reference, no copy)
 
-    def build(self, in_shape: tuple[int, ...], backend: Backend, rng: np.random.Generator, dtype) -> tuple[int, ...]:
+    def build(self, in_shape: tuple[int, ...], backend: Backend, rng: np.random.Generator,
+              dtype: DTypeLike) -> tuple[int, ...]:
         self.in_shape = self.out_shape = tuple(in_shape)
         return self.out_shape
 
@@ -59,7 +61,8 @@ class Conv2d(Layer):
     kind = "conv"
     has_delta_map = True
 
-    def __init__(self, filters, k, stride=1, padding="same", init="he", need_dx=True):
+    def __init__(self, filters: int, k: int, stride: int = 1, padding: str | int = "same", init: str = "he",
+                 need_dx: bool = True) -> None:
         super().__init__()
         self.F, self.K, self.stride, self.padding, self.init = int(filters), int(k), int(stride), padding, init
         self.need_dx = need_dx          # the first layer skips the input gradient
@@ -76,7 +79,8 @@ class Conv2d(Layer):
             return (int(p),) * 4
         raise ConfigError(f"{self.name}: padding={p!r} is not valid; use 'same', 'valid' or an int >= 0.")
 
-    def build(self, in_shape: tuple[int, ...], backend: Backend, rng: np.random.Generator, dtype) -> tuple[int, ...]:
+    def build(self, in_shape: tuple[int, ...], backend: Backend, rng: np.random.Generator,
+              dtype: DTypeLike) -> tuple[int, ...]:
         C, H, W = in_shape
         if self.K < 1 or self.stride < 1 or self.F < 1:
             raise ConfigError(f"{self.name}: kernel size k={self.K}, stride={self.stride} and filters={self.F} "
@@ -130,11 +134,12 @@ class Conv2d(Layer):
 class Pool2d(Layer):
     kind = "pool"
 
-    def __init__(self, size=2, stride=None, mode="max"):
+    def __init__(self, size: int = 2, stride: int | None = None, mode: str = "max") -> None:
         super().__init__()
         self.size, self.stride, self.mode = int(size), int(stride or size), mode
 
-    def build(self, in_shape: tuple[int, ...], backend: Backend, rng: np.random.Generator, dtype) -> tuple[int, ...]:
+    def build(self, in_shape: tuple[int, ...], backend: Backend, rng: np.random.Generator,
+              dtype: DTypeLike) -> tuple[int, ...]:
         C, H, W = in_shape
         check_pool_mode(self.mode, self.name)
         if self.size < 1 or self.stride < 1:
@@ -168,7 +173,8 @@ class Pool2d(Layer):
 class ReLU(Layer):
     kind = "relu"
 
-    def build(self, in_shape: tuple[int, ...], backend: Backend, rng: np.random.Generator, dtype) -> tuple[int, ...]:
+    def build(self, in_shape: tuple[int, ...], backend: Backend, rng: np.random.Generator,
+              dtype: DTypeLike) -> tuple[int, ...]:
         self.B = backend
         return super().build(in_shape, backend, rng, dtype)
 
@@ -208,7 +214,8 @@ class Sigmoid(Layer):
 class Flatten(Layer):
     kind = "flatten"
 
-    def build(self, in_shape: tuple[int, ...], backend: Backend, rng: np.random.Generator, dtype) -> tuple[int, ...]:
+    def build(self, in_shape: tuple[int, ...], backend: Backend, rng: np.random.Generator,
+              dtype: DTypeLike) -> tuple[int, ...]:
         self.in_shape, self.out_shape = tuple(in_shape), (int(np.prod(in_shape)),)
         return self.out_shape
 
@@ -224,11 +231,12 @@ class Dense(Layer):
     kind = "dense"
     has_delta_map = True
 
-    def __init__(self, units, init="he", need_dx=True):
+    def __init__(self, units: int, init: str = "he", need_dx: bool = True) -> None:
         super().__init__()
         self.units, self.init, self.need_dx = int(units), init, need_dx
 
-    def build(self, in_shape: tuple[int, ...], backend: Backend, rng: np.random.Generator, dtype) -> tuple[int, ...]:
+    def build(self, in_shape: tuple[int, ...], backend: Backend, rng: np.random.Generator,
+              dtype: DTypeLike) -> tuple[int, ...]:
         if len(in_shape) != 1:
             raise ConfigError(f"{self.name}: a dense layer needs a flat input but gets {'x'.join(map(str, in_shape))}; "
                               f"put a 'flatten' layer before it.")
@@ -265,7 +273,7 @@ class Dense(Layer):
 class Dropout(Layer):
     kind = "dropout"
 
-    def __init__(self, p=0.5):
+    def __init__(self, p: float = 0.5) -> None:
         super().__init__()
         self.p = float(p)
         if not 0.0 <= self.p < 1.0:

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from omegaconf import DictConfig
 
 from cnnpipe import ConfigError
 from cnnpipe.backends import get_backend, set_threads
 from cnnpipe.backends.cores import given_cores
 from cnnpipe.callbacks import Callback
 from cnnpipe.checkpoint import load_checkpoint, section
-from cnnpipe.data import batches, load_data, num_batches, preload_torchvision
+from cnnpipe.data import Split, batches, load_data, num_batches, preload_torchvision
 from cnnpipe.early_stop import EarlyStoppingState, check_early_stopping
 from cnnpipe.evaluate import evaluate_split
 from cnnpipe.jsonio import write_json_atomic
@@ -37,7 +39,7 @@ class Interrupted(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg, run_dir):
+    def __init__(self, cfg: DictConfig, run_dir: str | Path) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         if cfg.trainer.seed < 0 or cfg.trainer.batch_size < 1 or cfg.trainer.epochs < 0:
             raise ConfigError(f"trainer.seed={cfg.trainer.seed}, trainer.batch_size={cfg.trainer.batch_size} and "
@@ -120,7 +122,7 @@ class Trainer:
             self._end_epoch()
         return self._finish()
 
-    def epoch_batches(self):
+    def epoch_batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """This epoch's (x, y) batches from the current position (trainer.profile times this iterator)."""
         tc = self.cfg.trainer
         return batches(self.data.train, tc.batch_size, mean=self.data.mean, std=self.data.std, dtype=self.dtype,
@@ -227,7 +229,7 @@ class Trainer:
         """No epoch left to train: every configured one ran, max_steps was reached, or early stopping ended the run."""
         return self.epoch >= self.cfg.trainer.epochs or self._max_steps_reached() or bool(self.stopped_early)
 
-    def evaluate(self, split):
+    def evaluate(self, split: Split) -> tuple[float, float, np.ndarray]:
         return evaluate_split(self.model, split, self.data, self.cfg.trainer.eval_batch_size)
 
 

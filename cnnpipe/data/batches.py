@@ -2,8 +2,11 @@
 from seeds, so that any batch of any epoch can be made again (resuming mid-epoch)."""
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from numpy.typing import ArrayLike, DTypeLike
 
 from cnnpipe.data.bundle import Split
 
@@ -15,8 +18,9 @@ def num_batches(n: int, batch_size: int) -> int:
     return -(-n // batch_size)
 
 
-def batches(split: Split, batch_size: int, *, mean, std, dtype=np.float32, shuffle_seed=None, augment=False,
-            crop_padding=None, start=0):
+def batches(split: Split, batch_size: int, *, mean: ArrayLike, std: ArrayLike, dtype: DTypeLike = np.float32,
+            shuffle_seed: int | Sequence[int] | None = None, augment: bool = False, crop_padding: int | None = None,
+            start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (x, y) batches: x dtype N,C,H,W = (u8/255 - mean)/std, y int64 N. The last partial batch is kept.
 
     shuffle_seed: None = the split's order; else the order is default_rng(shuffle_seed).permutation(n).
@@ -51,7 +55,7 @@ def batches(split: Split, batch_size: int, *, mean, std, dtype=np.float32, shuff
         yield normalize(xb, mean, std, dtype), y[idx]
 
 
-def normalize(x: np.ndarray, mean, std, dtype=np.float32) -> np.ndarray:
+def normalize(x: np.ndarray, mean: ArrayLike, std: ArrayLike, dtype: DTypeLike = np.float32) -> np.ndarray:
     """uint8 N,C,H,W -> dtype N,C,H,W = (x/255 - mean)/std per channel, as one multiply-add in dtype."""
     C = x.shape[1]
     std = np.asarray(std, dtype=np.float64).reshape(C)
@@ -62,7 +66,7 @@ def normalize(x: np.ndarray, mean, std, dtype=np.float32) -> np.ndarray:
     return out
 
 
-def crop_flip(x, dy, dx, flip, pad):
+def crop_flip(x: np.ndarray, dy: np.ndarray, dx: np.ndarray, flip: np.ndarray, pad: int) -> np.ndarray:
     """Sample i: the H×W window at (dy[i], dx[i]) of x[i] zero-padded by pad, mirrored left-right if flip[i]."""
     N, C, H, W = x.shape
     padded = np.zeros((N, C, H + 2 * pad, W + 2 * pad), dtype=x.dtype)     # N,C,H+2p,W+2p

@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -67,7 +68,7 @@ def _count(key, value, minimum, optional=False):
     return int(value)
 
 
-def load_data(cfg, seed: int) -> DataBundle:
+def load_data(cfg: Mapping[str, Any] | DataConf, seed: int) -> DataBundle:
     """Load data.name as in-memory uint8 splits, carve the validation split, compute the normalization."""
     name = _opt(cfg, "name")
     cls = dataset_class(name)
