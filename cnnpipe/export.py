@@ -292,15 +292,3 @@ def format_report(r: dict) -> str:
             f"logits check on {r['images']} {r['dataset']} test images: max |ours - export| / max |ours| = "
             f"{r['relative_error']:.2e} <= {TOLERANCE:.0e}: match")
 
-
-def main(argv: list[str] | None = None) -> None:
-    """cnnpipe-export ckpt=<file> format=torch|onnx [out=<file>] [data.*=...] [backend.*=...]"""
-    from cnnpipe.cli import fail, run_guarded
-    argv = sys.argv[1:] if argv is None else argv
-    ckpt, fmt, out, overrides = run_guarded(lambda: parse_args(argv))
-    try:
-        result = run_guarded(lambda: export_checkpoint(ckpt, fmt, out, overrides))
-    except ExportCheckError as e:
-        fail(f"{e} Nothing was written: the export is kept only when it matches (relative error <= "
-             f"{TOLERANCE:.0e}). Report this with the checkpoint and the command.", code=1)
-    print(format_report(result))

@@ -12,6 +12,7 @@ from conftest import PY, REPO, run_script, tiny_overrides
 
 from cnnpipe import export
 from cnnpipe.checkpoint import checkpoint_config, load_checkpoint
+from cnnpipe.commands import export as export_command
 from cnnpipe.data import Split, batches, load_data
 from cnnpipe.model import build_model
 
@@ -186,9 +187,9 @@ def test_a_tampered_export_is_caught_and_nothing_is_kept(runs, fmt, tmp_path):
 def test_the_command_exits_1_when_the_check_fails(runs, tmp_path, monkeypatch, capsys):
     """main() with the tampering hook in place: one paragraph, exit 1, no file."""
     tampered = functools.partial(export.export_checkpoint, _before_check=scale_last_weight)
-    monkeypatch.setattr(export, "export_checkpoint", tampered)
+    monkeypatch.setattr(export_command, "export_checkpoint", tampered)
     with pytest.raises(SystemExit) as e:
-        export.main([f"ckpt={runs['lenet']}", "format=torch", f"out={tmp_path / 'net.pt'}"])
+        export_command.main([f"ckpt={runs['lenet']}", "format=torch", f"out={tmp_path / 'net.pt'}"])
     assert e.value.code == 1
     err = " ".join(capsys.readouterr().err.split())
     assert err.startswith("error: the PyTorch export (net.py + net.pt) does not reproduce our logits")
