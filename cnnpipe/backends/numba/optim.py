@@ -5,23 +5,25 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange  # after runtime: numba's threading layer is chosen there
 
-from cnnpipe.backends.numba.runtime import contiguous, register, workers
+from cnnpipe.backends.numba.runtime import contiguous, parts, register
 
 UPDATE_SPLIT = 1 << 16  # parameters with fewer elements update in one serial call
 
 
 @njit(nogil=True, cache=True)
 def _sgd_range(p, g, v, lr, momentum, wd, nesterov, has_v, first, lo, hi):
-    """PyTorch's SGD step on elements lo..hi of the flat p (and v), in the numpy backend's operation order."""
-    for i in range(lo, hi):
-        gi = g[i]
+    """PyTorch's SGD step on elements lo..hi of the flat p (and v), in the numpy backend's operation order.
+    (Slices indexed from 0, here and below: numba then knows no index is negative, and the loop vectorizes.)"""
+    ps, gs, vs = p[lo:hi], g[lo:hi], v[lo:hi]
+    for i in range(hi - lo):
+        gi = gs[i]
         if wd != 0:
-            gi = gi + wd * p[i]
+            gi = gi + wd * ps[i]
         if has_v:
-            vi = gi if first else v[i] * momentum + gi
-            v[i] = vi
+            vi = gi if first else vs[i] * momentum + gi
+            vs[i] = vi
             gi = gi + momentum * vi if nesterov else vi
-        p[i] -= lr * gi
+        ps[i] -= lr * gi
 
 
 @njit(parallel=True, cache=True)
@@ -37,15 +39,16 @@ def _sgd_parallel(p, g, v, lr, momentum, wd, nesterov, has_v, first, T):
 def _adam_range(p, g, m, v, lr_bc1, b1, c1, b2, c2, eps, sqrt_bc2, wd, lo, hi):
     """PyTorch's Adam step on elements lo..hi of the flat p, m, v, in the numpy backend's operation order
     (c1, c2 = 1 - b1, 1 - b2 rounded from float64, as numpy does)."""
-    for i in range(lo, hi):
-        gi = g[i]
+    ps, gs, ms, vs = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi]
+    for i in range(hi - lo):
+        gi = gs[i]
         if wd != 0:
-            gi = gi + wd * p[i]
-        mi = m[i] * b1 + c1 * gi
-        vi = v[i] * b2 + c2 * (gi * gi)
-        m[i] = mi
-        v[i] = vi
-        p[i] -= lr_bc1 * (mi / (np.sqrt(vi) / sqrt_bc2 + eps))
+            gi = gi + wd * ps[i]
+        mi = ms[i] * b1 + c1 * gi
+        vi = vs[i] * b2 + c2 * (gi * gi)
+        ms[i] = mi
+        vs[i] = vi
+        ps[i] -= lr_bc1 * (mi / (np.sqrt(vi) / sqrt_bc2 + eps))
 
 
 @njit(parallel=True, cache=True)
@@ -57,9 +60,10 @@ def _adam_parallel(p, g, m, v, lr_bc1, b1, c1, b2, c2, eps, sqrt_bc2, wd, T):
 
 
 def _update(serial, parallel, size, args):
-    """Run an update kernel: split over the threads for a large parameter, one serial call for a small one."""
-    if size >= UPDATE_SPLIT and workers() > 1:
-        parallel(*args, workers())
+    """Run an update kernel: split by the run's thread budget for a large parameter, one serial call for a small
+    one."""
+    if size >= UPDATE_SPLIT and parts() > 1:
+        parallel(*args, parts())
     else:
         serial(*args, 0, size)
 
