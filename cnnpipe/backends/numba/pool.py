@@ -1,4 +1,5 @@
-"""Pooling: direct loops, one (n, c) plane per prange task, so threads write disjoint memory (rules 2, 3)."""
+"""Pooling: direct loops, one (n, c) plane per prange task, so threads write disjoint memory (rules 2, 3). The
+2×2 windows every 2 (LeNet's and most CNNs') have their own loops, which vectorize."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -21,27 +22,57 @@ class PoolCache(NamedTuple):
     arg: np.ndarray | None                # max: winner offset i*R+j per window, N,C,Ho,Wo int32; mean: None
 
 
+@njit(nogil=True, cache=True)
+def _maxpool_plane(xp, R, S, yp, ap):
+    """One plane: y = max over each R×R window; arg = row-major offset i*R+j of its winner: the first maximum
+    (strictly greater takes over), or a NaN, which wins wherever it is (NaN propagates, as in PyTorch). The
+    comparison picks with selects, not branches: random data would mispredict every other one."""
+    Ho, Wo = yp.shape                         # yp, ap Ho,Wo; xp H,W
+    for ho in range(Ho):
+        for wo in range(Wo):
+            h0, w0 = ho * S, wo * S
+            best, k = xp[h0, w0], 0
+            for i in range(R):
+                for j in range(R):
+                    v = xp[h0 + i, w0 + j]
+                    take = (v > best) | (v != v)
+                    best = v if take else best
+                    k = i * R + j if take else k
+            yp[ho, wo] = best
+            ap[ho, wo] = k
+
+
+@njit(nogil=True, cache=True)
+def _maxpool_plane_2x2(xp, yp, ap):
+    """_maxpool_plane for 2×2 windows every 2, as vector code: the maximum first, then the first offset that
+    holds it. True when the plane holds a NaN (the caller then redoes it with _maxpool_plane's NaN rule)."""
+    Ho, Wo = yp.shape                         # yp, ap Ho,Wo; xp H,W
+    nan = False
+    for ho in range(Ho):
+        r0, r1, yr, ar = xp[2 * ho], xp[2 * ho + 1], yp[ho], ap[ho]
+        for wo in range(Wo):
+            a, b, c, d = r0[2 * wo], r0[2 * wo + 1], r1[2 * wo], r1[2 * wo + 1]
+            top = a if a >= b else b
+            bottom = c if c >= d else d
+            m = top if top >= bottom else bottom
+            k = np.int32(3)
+            k = np.int32(2) if c == m else k
+            k = np.int32(1) if b == m else k
+            k = np.int32(0) if a == m else k
+            yr[wo] = m
+            ar[wo] = k
+            nan |= (a != a) | (b != b) | (c != c) | (d != d)
+    return nan
+
+
 @njit(parallel=True, cache=True)
 def _maxpool_forward(x, R, S, y, arg):
-    """y = max over each R×R window; arg = row-major offset i*R+j of its winner: the first maximum (strictly
-    greater takes over), or a NaN, which wins wherever it is (NaN propagates, as in PyTorch). The comparison
-    picks with selects, not branches: random data would mispredict every other one."""
+    """y = max over each R×R window, arg its winner's offset (see _maxpool_plane); one (n, c) plane per task."""
     N, C, Ho, Wo = y.shape                    # y, arg N,C,Ho,Wo; x N,C,H,W
     for r in prange(N * C):
         n, c = r // C, r % C
-        xp, yp, ap = x[n, c], y[n, c], arg[n, c]
-        for ho in range(Ho):
-            for wo in range(Wo):
-                h0, w0 = ho * S, wo * S
-                best, k = xp[h0, w0], 0
-                for i in range(R):
-                    for j in range(R):
-                        v = xp[h0 + i, w0 + j]
-                        take = (v > best) | (v != v)
-                        best = v if take else best
-                        k = i * R + j if take else k
-                yp[ho, wo] = best
-                ap[ho, wo] = k
+        if R != 2 or S != 2 or _maxpool_plane_2x2(x[n, c], y[n, c], arg[n, c]):
+            _maxpool_plane(x[n, c], R, S, y[n, c], arg[n, c])
 
 
 @njit(parallel=True, cache=True)
@@ -64,13 +95,20 @@ def _meanpool_forward(x, R, S, y):
     inv = 1.0 / (R * R)
     for r in prange(N * C):
         n, c = r // C, r % C
+        xp, yp = x[n, c], y[n, c]
+        if R == 2 and S == 2:                 # the common window, as vector code
+            for ho in range(Ho):
+                r0, r1, yr = xp[2 * ho], xp[2 * ho + 1], yp[ho]
+                for wo in range(Wo):
+                    yr[wo] = (r0[2 * wo] + r0[2 * wo + 1] + r1[2 * wo] + r1[2 * wo + 1]) * inv
+            continue
         for ho in range(Ho):
             for wo in range(Wo):
-                acc = x[n, c, ho * S, wo * S] * 0
+                acc = xp[ho * S, wo * S] * 0
                 for i in range(R):
                     for j in range(R):
-                        acc += x[n, c, ho * S + i, wo * S + j]
-                y[n, c, ho, wo] = acc * inv
+                        acc += xp[ho * S + i, wo * S + j]
+                yp[ho, wo] = acc * inv
 
 
 @njit(parallel=True, cache=True)
@@ -120,11 +158,13 @@ def pool2d_backward(dy: np.ndarray, cache: PoolCache) -> np.ndarray:
 
 
 def _warm(dtype: np.dtype) -> None:
-    """Both modes, forward and backward."""
+    """Both modes, forward and backward, 2×2 windows and others."""
     x = np.random.default_rng(0).standard_normal((2, 2, 5, 5)).astype(dtype)
     for mode in ("max", "mean"):
-        y, cache = pool2d_forward(x, 2, 2, mode)
-        pool2d_backward(y, cache)
+        for size in (2, 3):
+            y, cache = pool2d_forward(x, size, 2, mode)
+            pool2d_backward(y, cache)
 
 
-register(__name__, (_maxpool_forward, _maxpool_backward, _meanpool_forward, _meanpool_backward), _warm)
+register(__name__, (_maxpool_forward, _maxpool_backward, _meanpool_forward, _meanpool_backward), _warm,
+         inner=(_maxpool_plane, _maxpool_plane_2x2))
