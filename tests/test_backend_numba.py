@@ -29,7 +29,7 @@ import cnnpipe.backends.numba as B  # noqa: E402
 from cnnpipe import ConfigError  # noqa: E402
 from cnnpipe.backends import get_backend, set_threads  # noqa: E402
 from cnnpipe.backends import numpy_backend as REF  # noqa: E402
-from cnnpipe.backends.numba import conv, dense, optim, runtime  # noqa: E402
+from cnnpipe.backends.numba import conv, dense, direct, optim, runtime  # noqa: E402
 
 CONV_CASES = EDGE_CONV_CASES + [
     (3, 1, 28, 28, 6, 5, 1, 2),  # LeNet-5 conv1
@@ -39,11 +39,30 @@ CONV_CASES = EDGE_CONV_CASES + [
 POOL_CASES = EDGE_POOL_CASES + random_pool_cases(seed=12, n=20)
 
 
+@pytest.fixture(params=["im2col", "direct"])
+def conv_path(request, monkeypatch):
+    """A conv test runs on each of the backend's two convolutions: im2col + GEMM, and direct.py's (here for every
+    unit-stride layer, not only the thin ones it is chosen for)."""
+    if request.param == "im2col":
+        monkeypatch.setattr(direct, "MAX_FILTERS", 0)
+    else:
+        monkeypatch.setattr(direct, "MAX_FILTERS", 1 << 30)
+        monkeypatch.setattr(direct, "MAX_TAPS", 1 << 30)
+    return request.param
+
+
+@pytest.fixture
+def im2col(monkeypatch):
+    """Tests of the kept columns: every layer through im2col."""
+    monkeypatch.setattr(direct, "MAX_FILTERS", 0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
-def test_conv_matches_numpy_reference(case, dtype):
+def test_conv_matches_numpy_reference(case, dtype, conv_path):
     x, w, b, dy, S, P = conv_data(case, dtype, seed=sum(case))
     y, cache = B.conv2d_forward(x, w, b, stride=S, pad=P)
+    assert cache.direct == (conv_path == "direct" and S == 1)
     y_ref, cache_ref = REF.conv2d_forward(x, w, b, stride=S, pad=P)
     got, ref = B.conv2d_backward(dy, cache), REF.conv2d_backward(dy, cache_ref)
     for name, g, r in zip(["y", "dx (rule 4)", "dw (rule 5)", "db (rule 6)"], (y, *got), (y_ref, *ref)):
@@ -53,7 +72,7 @@ def test_conv_matches_numpy_reference(case, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("case", CONV_CASES[::2], ids=case_id)
-def test_conv_matches_torch(case, dtype):
+def test_conv_matches_torch(case, dtype, conv_path):
     check_conv_against_torch(B, *case, dtype=dtype, seed=len(case) + sum(case))
 
 
@@ -104,8 +123,8 @@ def test_uneven_pool_remainder_gets_zero_gradient():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-def test_need_dx_false_skips_rule4_only(dtype):
-    x, w, b, dy, S, P = conv_data((3, 3, 9, 9, 4, 3, 2, 1), dtype)
+def test_need_dx_false_skips_rule4_only(dtype, conv_path):
+    x, w, b, dy, S, P = conv_data((3, 3, 9, 9, 4, 3, 2 if conv_path == "im2col" else 1, 1), dtype)
     _, cache = B.conv2d_forward(x, w, b, stride=S, pad=P)
     dx0, dw0, db0 = B.conv2d_backward(dy, cache, need_dx=False)
     dx1, dw1, db1 = B.conv2d_backward(dy, cache)
@@ -115,7 +134,7 @@ def test_need_dx_false_skips_rule4_only(dtype):
 
 
 @pytest.mark.skipif(os.cpu_count() < 2, reason="needs two cores")
-def test_the_same_bits_whatever_the_threads_running_now():
+def test_the_same_bits_whatever_the_threads_running_now(conv_path):
     """Work is cut by the run's thread budget, not by the threads running now, so the thread governor may drop to
     one thread mid-run without changing a bit: every kernel gives the same arrays with 2 threads and with 1."""
     x, w, b, dy, S, P = conv_data((2, 6, 14, 14, 16, 5, 1, 2), np.float32, seed=5)   # one chunk by size
@@ -141,7 +160,7 @@ def test_the_same_bits_whatever_the_threads_running_now():
 
 
 @pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["default-chunks", "one-sample-chunks"])
-def test_deterministic_and_chunking_agrees(monkeypatch, chunk_bytes):
+def test_deterministic_and_chunking_agrees(monkeypatch, chunk_bytes, conv_path):
     """Two calls are bit-identical; a batch split into chunks (rule 5's sum over chunks) agrees too."""
     x, w, b, dy, S, P = conv_data((8, 6, 14, 14, 16, 5, 1, 2), np.float32, seed=3)
     y0, c0 = B.conv2d_forward(x, w, b, stride=S, pad=P)
@@ -164,7 +183,7 @@ def test_deterministic_and_chunking_agrees(monkeypatch, chunk_bytes):
         np.testing.assert_array_equal(B.pool2d_backward(p1, pc1), B.pool2d_backward(p1, pc2))
 
 
-def test_outputs_are_fresh_arrays_not_reused_buffers():
+def test_outputs_are_fresh_arrays_not_reused_buffers(conv_path):
     """A later call on the same shapes (reusing work buffers) must not change what an earlier call returned."""
     x, w, b, dy, S, P = conv_data((4, 3, 10, 10, 5, 3, 1, 1), np.float32, seed=5)
     y1, c1 = B.conv2d_forward(x, w, b, stride=S, pad=P)
@@ -184,7 +203,7 @@ def test_outputs_are_fresh_arrays_not_reused_buffers():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-def test_dtype_preserved_and_mixed_dtype_grads_follow_the_input(dtype):
+def test_dtype_preserved_and_mixed_dtype_grads_follow_the_input(dtype, conv_path):
     x, w, b, dy, S, P = conv_data((2, 3, 10, 10, 4, 3, 1, 1), dtype)
     y, cache = B.conv2d_forward(x, w.astype(np.float64), b.astype(np.float64), stride=S, pad=P)
     grads = B.conv2d_backward(dy.astype(np.float64), cache)
@@ -264,7 +283,7 @@ def test_bad_input_raises_config_error(call):
         call()
 
 
-def test_conv_restores_blas_threads_and_handles_one_thread():
+def test_conv_restores_blas_threads_and_handles_one_thread(conv_path):
     """The chunk kernels call BLAS single-threaded; the caller's BLAS and numba thread counts come back."""
     import numba
     from threadpoolctl import threadpool_info
@@ -284,7 +303,7 @@ def test_conv_restores_blas_threads_and_handles_one_thread():
         assert rel_err(a, r) <= 1e-12
 
 
-def test_kept_columns_equal_rebuilt_columns(monkeypatch):
+def test_kept_columns_equal_rebuilt_columns(monkeypatch, im2col):
     """Forward keeps its columns for backward when they fit; rebuilding them instead (a big batch, or a
     second backward on the same cache) gives bit-identical gradients, even if the thread count changed."""
     import numba
@@ -310,7 +329,7 @@ def test_kept_columns_equal_rebuilt_columns(monkeypatch):
 
 
 @pytest.mark.parametrize("need_dx", [True, False], ids=["dx", "no-dx"])
-def test_second_backward_after_a_forward_reused_the_columns(need_dx):
+def test_second_backward_after_a_forward_reused_the_columns(need_dx, im2col):
     """The first backward gives forward's column buffer back; a forward on other data takes it over. A second
     backward on the first cache must rebuild its columns, not read the other batch's; both caches give the
     gradients of their own batch, equal to the numpy reference."""
@@ -330,6 +349,26 @@ def test_second_backward_after_a_forward_reused_the_columns(need_dx):
                 assert rel_err(g, r) <= TOL[np.dtype(np.float32)]
     for a, r in zip(first, second):
         np.testing.assert_array_equal(a, r)
+
+
+def test_backward_reads_the_kept_columns_without_writing_them(im2col):
+    """The cache is backward's input only: the kept columns hold forward's im2col after backward too."""
+    x, w, b, dy, S, P = conv_data((4, 3, 10, 10, 5, 3, 1, 1), np.float32, seed=23)
+    _, c = B.conv2d_forward(x, w, b, stride=S, pad=P)
+    before = c.cols.array.copy()
+    B.conv2d_backward(dy, c)
+    np.testing.assert_array_equal(c.cols.array, before)
+
+
+def test_thin_unit_stride_layers_go_direct_and_wide_ones_through_im2col():
+    """LeNet-5's convolutions (6 filters on 1 channel, 16 on 6) and the convnet's (32 on 1, 64 on 32) with the
+    shipped thresholds: only the 6-filter one is thin enough; a stride of 2 always takes im2col."""
+    rng = np.random.default_rng(0)
+    for (C, F, stride), want in {(1, 6, 1): True, (6, 16, 1): False, (1, 32, 1): False, (32, 64, 1): False,
+                                 (1, 6, 2): False}.items():
+        x = rng.standard_normal((2, C, 12, 12)).astype(np.float32)
+        _, cache = B.conv2d_forward(x, np.ones((F, C, 5, 5), np.float32), np.zeros(F, np.float32), stride, 2)
+        assert cache.direct == want, (C, F, stride)
 
 
 @pytest.mark.parametrize("split", [0, 1e30], ids=["rows-split", "one-call"])

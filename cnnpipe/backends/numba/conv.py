@@ -1,4 +1,5 @@
-"""Convolution: im2col + one GEMM per batch chunk, each chunk a task of one parallel region (rules 4, 5, 6)."""
+"""Convolution: im2col + one GEMM per batch chunk, each chunk a task of one parallel region (rules 4, 5, 6); thin
+layers with unit stride go to direct.py's direct convolution instead."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -7,12 +8,15 @@ import numpy as np
 from numba import njit, prange  # after runtime: numba's threading layer is chosen there
 
 from cnnpipe import ConfigError
+from cnnpipe.backends.numba import direct
 from cnnpipe.backends.numba.runtime import (
     NO_4D,
     NO_COLS,
     Lease,
+    blas_gemm,
     check_input,
     contiguous,
+    gemm,
     give_back,
     lease,
     parts,
@@ -27,18 +31,22 @@ KEEP_COL_BYTES = 64 << 20  # forward keeps a batch's columns up to this size for
 
 
 class ConvCache(NamedTuple):
-    """What conv2d_backward needs. `cols` leases forward's columns to the first backward only (it writes over
-    them); a later backward on this cache finds the lease void and rebuilds them from x."""
+    """What conv2d_backward needs; backward only reads it. `cols` lends forward's columns to the first backward,
+    which reads them and then ends the lease (the buffer goes back to the pool); a later backward on this cache
+    finds the lease void and rebuilds them from x."""
     x: np.ndarray                         # N,C,H,W
     w: np.ndarray                         # F,C,K,K
     stride: int
     pad: int
     cols: Lease | None                    # flat C,K,K,N,Ho,Wo by chunk (sample-major); None: too big to keep
-    bounds: np.ndarray                    # the chunks the kept columns are laid out by
+    bounds: np.ndarray | None             # the chunks the kept columns are laid out by
+    direct: bool = False                  # computed by direct.py (no columns)
 
 
 # ----------------------------------------------------------------------------------------------------
 # kernels. The per-chunk steps are serial kernels called inside the chunk kernels' prange.
+
+# The copy loops index slices from 0 (numba then knows no index is negative, and the loops vectorize).
 
 @njit(nogil=True, cache=True)
 def _im2col(xp, n0, S, col):
@@ -47,16 +55,20 @@ def _im2col(xp, n0, S, col):
     for r in range(C * nb):
         c = r // nb
         j = r % nb
-        n = n0 + j
+        xc = xp[n0 + j, c]
         for kh in range(K):
             for kw in range(K):
+                dst = col[c, kh, kw, j]
                 for ho in range(Ho):
+                    d = dst[ho]
                     if S == 1:                # unit stride: contiguous rows, vectorized copy
+                        src = xc[ho + kh, kw:kw + Wo]
                         for wo in range(Wo):
-                            col[c, kh, kw, j, ho, wo] = xp[n, c, ho + kh, wo + kw]
+                            d[wo] = src[wo]
                     else:
+                        src = xc[ho * S + kh]
                         for wo in range(Wo):
-                            col[c, kh, kw, j, ho, wo] = xp[n, c, ho * S + kh, wo * S + kw]
+                            d[wo] = src[wo * S + kw]
 
 
 @njit(nogil=True, cache=True)
@@ -71,16 +83,20 @@ def _col2im(dcol, n0, S, pad, dx):
         plane = np.zeros((H + 2 * pad, W + 2 * pad), dx.dtype)   # Hp,Wp
         for kh in range(K):
             for kw in range(K):
+                src = dcol[c, kh, kw, j]
                 for ho in range(Ho):
+                    s = src[ho]
                     if S == 1:
+                        d = plane[ho + kh, kw:kw + Wo]
                         for wo in range(Wo):
-                            plane[ho + kh, wo + kw] += dcol[c, kh, kw, j, ho, wo]
+                            d[wo] += s[wo]
                     else:
+                        d = plane[ho * S + kh]
                         for wo in range(Wo):
-                            plane[ho * S + kh, wo * S + kw] += dcol[c, kh, kw, j, ho, wo]
+                            d[wo * S + kw] += s[wo]
+        out = dx[n0 + j, c]
         for h in range(H):
-            for w in range(W):
-                dx[n0 + j, c, h, w] = plane[h + pad, w + pad]
+            out[h] = plane[h + pad, pad:pad + W]
 
 
 @njit(nogil=True, cache=True)
@@ -118,8 +134,8 @@ def _chunk_cols(kept, n0, nb, col_shape):
 
 
 @njit(parallel=True, cache=True)
-def _conv_forward_chunks(xp, w2d, b, S, bounds, col_shape, kept, ywork, y3):
-    """Forward, one batch chunk per task: im2col -> one sgemm W2d @ col (np.dot: single-threaded BLAS inside
+def _conv_forward_chunks(xp, w2d, b, S, bounds, col_shape, kept, ywork, y3, fn):
+    """Forward, one batch chunk per task: im2col -> one sgemm W2d @ col (fn: single-threaded BLAS inside
     this parallel region) -> bias add fused with the (F,nb,P) -> (N,F,P) reorder. Chunk i spans samples
     bounds[i]..bounds[i+1]; its columns go to kept (flat, sample-major like every work buffer here) when kept
     is not empty, else to a temporary; its product to ywork (flat, N*F*P), reused across calls."""
@@ -131,15 +147,15 @@ def _conv_forward_chunks(xp, w2d, b, S, bounds, col_shape, kept, ywork, y3):
         col = _chunk_cols(kept, n0, nb, col_shape)
         _im2col(xp, n0, S, col)
         y2d = ywork[n0 * F * P:(n0 + nb) * F * P].reshape((F, nb * P))
-        np.dot(w2d, col.reshape((CKK, nb * P)), y2d)
+        gemm(fn, w2d, False, col.reshape((CKK, nb * P)), False, y2d)
         _add_bias_to_nfp(y2d.reshape((F, nb, P)), b, n0, y3)
 
 
 @njit(parallel=True, cache=True)
-def _conv_backward_chunks(dy3, xp, w2d, S, pad, bounds, col_shape, kept, need_dx, dx, dwork, parts):
+def _conv_backward_chunks(dy3, xp, w2d, S, pad, bounds, col_shape, kept, need_dx, dx, dwork, parts, fn):
     """Backward, one batch chunk per task: δ reordered to (F,nb,P) in dwork; rule 5 parts[i] = δ2d @ colᵀ;
-    rule 4 dx = col2im(W2dᵀ @ δ2d), the product written over the columns (no longer needed). Columns come from
-    kept (forward's) or are rebuilt from xp."""
+    rule 4 dx = col2im(W2dᵀ @ δ2d), the product in a chunk-sized temporary. Columns come from kept (forward's,
+    only read) or are rebuilt from xp."""
     C, K, Ho, Wo = col_shape
     F = w2d.shape[0]
     P, CKK = Ho * Wo, C * K * K
@@ -152,10 +168,11 @@ def _conv_backward_chunks(dy3, xp, w2d, S, pad, bounds, col_shape, kept, need_dx
         if not kept.size:                                         # not kept: rebuilt from xp
             _im2col(xp, n0, S, col)
         col2d = col.reshape((CKK, nb * P))
-        np.dot(dyT2d, col2d.T, parts[i])                          # F, C*K*K
+        gemm(fn, dyT2d, False, col2d, True, parts[i])             # F, C*K*K
         if need_dx:
-            np.dot(w2d.T, dyT2d, col2d)                           # dcol C*K*K, nb*P over the columns
-            _col2im(col, n0, S, pad, dx)
+            dcol = np.empty((CKK, nb * P), dx.dtype)              # C*K*K, nb*P
+            gemm(fn, w2d, True, dyT2d, False, dcol)
+            _col2im(dcol.reshape((C, K, K, nb, Ho, Wo)), n0, S, pad, dx)
 
 
 @njit(parallel=True, cache=True)
@@ -166,8 +183,7 @@ def _zeropad(x, pad, xp):
         n, c = r // C, r % C
         xp[n, c] = 0
         for h in range(H):
-            for w in range(W):
-                xp[n, c, h + pad, w + pad] = x[n, c, h, w]
+            xp[n, c, h + pad, pad:pad + W] = x[n, c, h]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -198,12 +214,12 @@ def _padded(x, pad):
 
 def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int = 1,
                    pad: int = 0) -> tuple[np.ndarray, ConvCache]:
-    """y = zeropad(x) ⋆ w + b (cross-correlation, like PyTorch); the cache keeps x and w, and the columns
-    when they fit KEEP_COL_BYTES (backward then skips its im2col)."""
+    """y = zeropad(x) ⋆ w + b (cross-correlation, like PyTorch): direct.py's direct convolution for a thin layer
+    with unit stride, else im2col + GEMM. The cache keeps x and w (and, for im2col, the columns when they fit
+    KEEP_COL_BYTES: backward then skips its im2col)."""
     x = check_input(x, "conv2d_forward input x")        # x N,C,H,W
-    dt = x.dtype
-    w = contiguous(w, dt)                                # w F,C,K,K
-    b = contiguous(b, dt)                                # b F
+    w = contiguous(w, x.dtype)                           # w F,C,K,K
+    b = contiguous(b, x.dtype)                           # b F
     N, C, H, W = x.shape
     F, K = w.shape[0], w.shape[-1]
     if w.shape != (F, C, K, K) or b.shape != (F,):
@@ -211,6 +227,19 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int = 1,
                           f"F,C,K,K with C = {C} input channels and b must hold F values. Check the layer's "
                           f"in_channels and kernel shape.")
     S, pad = int(stride), int(pad)
+    if direct.suits(C, F, K, S):                         # thin layer: no columns
+        Ho, Wo = out_size(H, K, S, pad, what="numba conv2d"), out_size(W, K, S, pad, what="numba conv2d")
+        y = np.empty((N, F, Ho, Wo), x.dtype)            # y N,F,Ho,Wo (fresh)
+        direct.direct_forward(_padded(x, pad), w, b, y)
+        return y, ConvCache(x, w, S, pad, None, None, direct=True)
+    return _im2col_forward(x, w, b, S, pad)
+
+
+def _im2col_forward(x, w, b, S, pad):
+    """conv2d_forward by im2col + one sgemm per batch chunk (x, w, b checked and contiguous)."""
+    dt = x.dtype
+    N, C, H, W = x.shape
+    F, K = w.shape[0], w.shape[-1]
     Ho, Wo = out_size(H, K, S, pad, what="numba conv2d"), out_size(W, K, S, pad, what="numba conv2d")
     P, CKK = Ho * Wo, C * K * K
     y = np.empty((N, F, Ho, Wo), dt)                     # y N,F,Ho,Wo (fresh)
@@ -221,7 +250,8 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int = 1,
     bounds = _chunks(N, CKK * P * dt.itemsize)          # chunk i: samples bounds[i]..bounds[i+1]
     kept = NO_COLS[dt.str] if cols is None else cols.array
     with single_blas():
-        _conv_forward_chunks(xp, w2d, b, S, bounds, (C, K, Ho, Wo), kept, scratch("y2d", (N * F * P,), dt), y3)
+        _conv_forward_chunks(xp, w2d, b, S, bounds, (C, K, Ho, Wo), kept, scratch("y2d", (N * F * P,), dt), y3,
+                             blas_gemm(dt))
     return y, ConvCache(x, w, S, pad, cols, bounds)
 
 
@@ -242,32 +272,55 @@ def conv2d_backward(dy: np.ndarray, cache: ConvCache,
     dy3 = dy.reshape(N, F, P)
     db = dy3.sum(axis=(0, 2))                            # rule 6: numpy's pairwise sum, deterministic
     dx = np.empty((N, C, H, W), dt) if need_dx else None
+    if cache.direct:
+        dx, dw = _direct_backward(dy, x, w, pad, dx)
+        return dx, dw, db
     xp = _padded(x, pad) if kept is None else NO_4D[dt.str]   # xp N,C,Hp,Wp
     bounds = _chunks(N, CKK * P * dt.itemsize) if kept is None else cache.bounds   # kept: laid out by these
     parts = np.empty((len(bounds) - 1, F, CKK), dt)     # rule 5 partials, one per chunk
     with single_blas():
         _conv_backward_chunks(dy3, xp, w.reshape(F, CKK), S, pad, bounds, (C, K, Ho, Wo),
                               NO_COLS[dt.str] if kept is None else kept, need_dx,
-                              dx if need_dx else NO_4D[dt.str], scratch("dyT", (N * F * P,), dt), parts)
+                              dx if need_dx else NO_4D[dt.str], scratch("dyT", (N * F * P,), dt), parts,
+                              blas_gemm(dt))
     if kept is not None:
-        give_back(cache.cols)                            # written over (dcol): void for any later backward
+        give_back(cache.cols)                            # the lease ends: a later backward rebuilds the columns
     dw2d = parts[0]
     for part in parts[1:]:                               # fixed order: deterministic
         dw2d += part
     return dx, dw2d.reshape(F, C, K, K), db
 
 
+def _direct_backward(dy, x, w, pad, dx):
+    """Rules 4 and 5 by direct.py: (dx or None, dW)."""
+    N, C, H, W = x.shape
+    F, _, K, _ = w.shape
+    _, _, Ho, Wo = dy.shape
+    Wp = W + 2 * pad
+    dyg = scratch("dyg", (N, F, (Ho - 1) * Wp + Wo), dy.dtype)          # δ on the padded width
+    direct.delta_on_grid(dy, Wp, dyg)
+    dw = np.empty((F, C, K, K), dy.dtype)
+    direct.direct_weight_grad(_padded(x, pad), dyg, dw)
+    if dx is not None:
+        dyp = scratch("dyp", (N, F, Ho + 2 * (K - 1), Wo + 2 * (K - 1)), dy.dtype)   # zeropad(δ, K-1)
+        _zeropad(dy, K - 1, dyp)
+        wflip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))     # C,F,K,K flipped
+        direct.direct_input_grad(dyp, wflip, pad, dx)
+    return dx, dw
+
+
 def _warm(dtype: np.dtype) -> None:
-    """Both im2col loops (unit and other strides), kept and rebuilt columns, with and without dx."""
+    """Both im2col loops (unit and other strides), kept and rebuilt columns, with and without dx; direct.py's."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 2, 5, 5)).astype(dtype)
     w = rng.standard_normal((3, 2, 3, 3)).astype(dtype)
     b = np.zeros(3, dtype)
     for stride in (1, 2):
-        y, cache = conv2d_forward(x, w, b, stride, 1)
+        y, cache = _im2col_forward(x, w, b, stride, 1)
         conv2d_backward(y, cache, need_dx=True)          # kept columns
         conv2d_backward(y, cache, need_dx=False)         # rebuilt columns
+    direct.warm(dtype)
 
 
-register(__name__, (_conv_forward_chunks, _conv_backward_chunks, _zeropad), _warm,
-         inner=(_im2col, _col2im, _add_bias_to_nfp, _delta_to_fnp, _chunk_cols))
+register(__name__, (_conv_forward_chunks, _conv_backward_chunks, _zeropad, *direct.KERNELS), _warm,
+         inner=(_im2col, _col2im, _add_bias_to_nfp, _delta_to_fnp, _chunk_cols, *direct.INNER))

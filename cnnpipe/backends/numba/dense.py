@@ -1,20 +1,20 @@
-"""The dense layers' product: row blocks of `a @ b` split over numba's threads, each one single-threaded sgemm."""
+"""The dense layers' product: row blocks of `a @ b` split over numba's threads, each one single-threaded GEMM."""
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange  # after runtime: numba's threading layer is chosen there
 
-from cnnpipe.backends.numba.runtime import parts, register, single_blas
+from cnnpipe.backends.numba.runtime import blas_gemm, gemm, parts, register, single_blas
 
 MATMUL_SPLIT_FLOPS = 2e7  # below this a product runs in one call in the calling thread (docs/numba.md)
 
 
 @njit(parallel=True, cache=True)
-def _matmul_rows(a, b, bounds, out):
-    """out[r0:r1] = a[r0:r1] @ b for each row block (one np.dot per task)."""
+def _matmul_rows(a, b, trans_b, bounds, out, fn):
+    """out[r0:r1] = a[r0:r1] @ op(b) for each row block (one GEMM per task; op(b) = bᵀ when trans_b)."""
     for i in prange(len(bounds) - 1):
         r0, r1 = bounds[i], bounds[i + 1]
-        np.dot(a[r0:r1], b, out[r0:r1])
+        gemm(fn, a[r0:r1], False, b, trans_b, out[r0:r1])
 
 
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -32,19 +32,20 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         with single_blas():                              # one call in the calling thread
             return np.dot(a, b, out=out)
     a = np.ascontiguousarray(a)                          # e.g. δᵀ: the row blocks must be contiguous
-    b = b if b.flags.c_contiguous or b.flags.f_contiguous else np.ascontiguousarray(b)
+    trans_b = not b.flags.c_contiguous and b.flags.f_contiguous
+    b = b.T if trans_b else np.ascontiguousarray(b)      # e.g. Wᵀ: passed as W, transposed by the GEMM
     T = min(parts(), M)
     with single_blas():
-        _matmul_rows(a, b, np.array([r * M // T for r in range(T + 1)], np.int64), out)
+        _matmul_rows(a, b, trans_b, np.array([r * M // T for r in range(T + 1)], np.int64), out, blas_gemm(out.dtype))
     return out
 
 
 def _warm(dtype: np.dtype) -> None:
-    """The split product, with b = W (C-contiguous) and b = Wᵀ (F-contiguous)."""
+    """The split product, with b = W and with b = Wᵀ (W passed, transposed by the GEMM)."""
     a, bounds = np.ones((4, 3), dtype), np.array([0, 2, 4], np.int64)
-    for bm in (np.ones((3, 5), dtype), np.ones((5, 3), dtype).T):
+    for bm, trans_b in ((np.ones((3, 5), dtype), False), (np.ones((5, 3), dtype), True)):
         with single_blas():
-            _matmul_rows(a, bm, bounds, np.empty((4, 5), dtype))
+            _matmul_rows(a, bm, trans_b, bounds, np.empty((4, 5), dtype), blas_gemm(dtype))
 
 
 register(__name__, (_matmul_rows,), _warm)

@@ -1,7 +1,8 @@
-"""What every numba kernel module shares: the thread budget, BLAS pinning, work buffers, input checks and the
-kernel registry that warm-up and the tests read."""
+"""What every numba kernel module shares: the thread budget, the GEMM and its BLAS pinning, work buffers, input
+checks and the kernel registry that warm-up and the tests read."""
 from __future__ import annotations
 
+import ctypes
 import threading
 from typing import Callable, NamedTuple
 
@@ -12,6 +13,7 @@ from cnnpipe.backends import import_numba
 
 numba = import_numba()                     # the OpenMP threading layer where there is one (see import_numba)
 import scipy.linalg.cython_blas  # noqa: E402,F401  the BLAS numba's np.dot calls: loaded now, so it can be pinned
+from numba import njit  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
 # the kernel registry
@@ -89,6 +91,72 @@ class single_blas:
     def __exit__(self, *exc):
         for lib, n in self.libs:
             lib.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the GEMM: numpy's own BLAS, called from inside the kernels
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112           # CBLAS enum values
+_GEMM_ARGS = {np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double}
+
+
+def _find_gemm(t: str, ctype) -> ctypes._CFuncPtr:
+    """cblas_<t>gemm of the first loaded BLAS that has one, numpy's first (numba's own np.dot calls scipy's
+    bundled BLAS, which runs small products at half the speed here: docs/numba.md). Integer arguments are
+    passed as 64-bit: right for ILP64 builds, and read correctly by LP64 ones (every argument of the C calling
+    convention fills a 64-bit slot). Checked on a small product before use."""
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    names = [f"{pre}cblas_{t}gemm{suf}" for pre in ("scipy_", "") for suf in ("64_", "")]
+    for lib in _blas_libs():
+        try:
+            dll = ctypes.CDLL(lib.filepath)
+        except OSError:
+            continue
+        for name in names:
+            fn = getattr(dll, name, None)
+            if fn is None:
+                continue
+            fn.restype = None
+            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64, i64, ctype, ptr, i64, ptr, i64, ctype,
+                           ptr, i64]
+            if _gemm_works(fn, t):
+                return fn
+    raise ConfigError("numba backend: no loaded BLAS library offers cblas_sgemm/cblas_dgemm (looked in "
+                      f"{[lib.filepath for lib in _blas_libs()]}). Install numpy and scipy from PyPI wheels, which "
+                      f"bundle OpenBLAS, or use backend=numpy.")
+
+
+def _gemm_works(fn, t: str) -> bool:
+    dt = np.float32 if t == "s" else np.float64
+    a, b = np.arange(6, dtype=dt).reshape(2, 3), np.arange(12, dtype=dt).reshape(3, 4)
+    out = np.zeros((2, 4), dt)
+    fn(_ROW_MAJOR, _NO_TRANS, _NO_TRANS, 2, 4, 3, 1.0, a.ctypes.data, 3, b.ctypes.data, 4, 0.0, out.ctypes.data, 4)
+    return bool(np.array_equal(out, a @ b))
+
+
+_GEMMS: dict = {}
+
+
+def blas_gemm(dtype) -> ctypes._CFuncPtr:
+    """The cblas GEMM for float32 or float64, found once; the kernels take it as an argument (a function pointer
+    passed in at run time, so the compiled kernels stay in numba's disk cache)."""
+    dtype = np.dtype(dtype)
+    if dtype not in _GEMMS:
+        _GEMMS[dtype] = _find_gemm("s" if dtype == np.float32 else "d", _GEMM_ARGS[dtype])
+    return _GEMMS[dtype]
+
+
+@njit(nogil=True, cache=True)
+def gemm(fn, a, trans_a, b, trans_b, out):
+    """out = op(a) @ op(b) through fn (blas_gemm), op(m) = mᵀ when its flag is set; a, b and out C-contiguous
+    2-D arrays (a transposed operand is passed untransposed, with its flag)."""
+    M, N = out.shape
+    K = a.shape[0] if trans_a else a.shape[1]
+    fn(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS, M, N, K, 1.0,
+       a.ctypes.data, a.shape[1], b.ctypes.data, b.shape[1], 0.0, out.ctypes.data, N)
+
+
+register(__name__, (), lambda dtype: None, inner=(gemm,))    # compiled with the conv and dense kernels that call it
 
 
 # ----------------------------------------------------------------------------------------------------
