@@ -7,9 +7,8 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange  # after runtime: numba's threading layer is chosen there
 
-from cnnpipe import ConfigError
 from cnnpipe.backends.numba.runtime import check_input, contiguous, register
-from cnnpipe.shapes import out_size
+from cnnpipe.shapes import check_pool_mode, out_size
 
 
 class PoolCache(NamedTuple):
@@ -132,8 +131,7 @@ def pool2d_forward(x: np.ndarray, size: int = 2, stride: int = 2,
                    mode: str = "max") -> tuple[np.ndarray, PoolCache]:
     """Max or mean over size×size windows every `stride`; a remainder that fits no window is dropped."""
     x = check_input(x, "pool2d_forward input x")
-    if mode not in ("max", "mean"):
-        raise ConfigError(f"numba backend: pool mode '{mode}' is unknown; use pool mode 'max' or 'mean'.")
+    check_pool_mode(mode, "numba pool2d")
     N, C, H, W = x.shape                                 # x N,C,H,W
     R, S = int(size), int(stride)
     Ho, Wo = out_size(H, R, S, what="numba pool2d"), out_size(W, R, S, what="numba pool2d")
