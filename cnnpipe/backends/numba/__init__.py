@@ -7,22 +7,28 @@ P = Ho*Wo output pixels, R pool window size, nb samples in one batch chunk.
 
 How the work is split: every parallel step is one numba parallel region on numba's T threads (the OpenMP layer
 where there is one, see cnnpipe.backends.import_numba), and the GEMMs run inside those regions as single-threaded
-BLAS (numba's np.dot calls scipy's OpenBLAS, pinned to one thread), so exactly T threads compute: no BLAS/numba
+BLAS (runtime.gemm: numpy's own OpenBLAS, pinned to one thread), so exactly T threads compute: no BLAS/numba
 oversubscription and no Python between the steps of a layer.
-- conv (conv.py): the batch is cut into chunks (a chunk's columns stay in cache, at least one chunk per thread),
-  one task per chunk. Forward per chunk: im2col col (C,K,K,nb,Ho,Wo) -> one sgemm W2d @ col -> bias add fused
-  with the (F,nb,P) -> (N,F,P) reorder. Backward per chunk: δ reordered to (F,nb,P); rule 5 dW part = δ2d @ colᵀ
-  (parts summed in chunk order); rule 4 dx = col2im(W2dᵀ @ δ2d), the transposed convolution, which equals the
-  full convolution of δ with the flipped kernel. Rule 6 db is numpy's (deterministic) sum. Forward lends the
-  batch's columns to the first backward when they fit KEEP_COL_BYTES (a training batch); otherwise backward
-  rebuilds them, so memory stays bounded for any batch size.
-- pools (pool.py): direct loops, prange over (n, c) planes, so threads write disjoint memory.
-- dense layers (dense.py, matmul): row blocks of the product, one np.dot each, in one parallel region; small
+- thin conv layers (direct.py; direct.suits: unit stride, few filters): direct convolution, one output plane per
+  task, each plane read as one flat array so every tap is one long vector loop; rule 4 as the full convolution of
+  zeropad(δ) with the flipped kernel, rule 5 as the valid correlation of zeropad(x) with δ.
+- other conv layers (conv.py): the batch is cut into chunks (a chunk's columns stay in cache, at least one
+  chunk per thread), one task per chunk. Forward per chunk: im2col col (C,K,K,nb,Ho,Wo) -> one sgemm
+  W2d @ col -> bias add fused with the (F,nb,P) -> (N,F,P) reorder. Backward per chunk: δ reordered to
+  (F,nb,P); rule 5 dW part = δ2d @ colᵀ (parts summed in chunk order); rule 4 dx = col2im(W2dᵀ @ δ2d), the
+  transposed convolution, which equals the full convolution of δ with the flipped kernel. Rule 6 db is numpy's
+  (deterministic) sum. Forward lends the batch's columns to the first backward when they fit KEEP_COL_BYTES
+  (a training batch); otherwise backward rebuilds them, so memory stays bounded for any batch size. Backward
+  only reads the cache.
+- pools (pool.py): direct loops, prange over (n, c) planes, so threads write disjoint memory; 2×2 windows every 2
+  have loops of their own that vectorize.
+- dense layers (dense.py, matmul): row blocks of the product, one GEMM each, in one parallel region; small
   products run in one call in the calling thread.
-- ReLU (activation.py): one parallel pass forward (max(x, 0)) and one backward (δ where y > 0).
+- ReLU (activation.py): one pass forward (max(x, 0)) and one backward (δ where y > 0), split over the
+  threads for large arrays.
 - optimizer updates (optim.py): one fused pass per parameter, split over the threads for large parameters.
-- runtime.py: the thread budget, BLAS pinning, reused work buffers (returned arrays are always fresh), input
-  checks, and the registry of every kernel, which warmup() and the tests read.
+- runtime.py: the thread budget, the GEMM and BLAS pinning, reused work buffers (returned arrays are always
+  fresh), input checks, and the registry of every kernel, which warmup() and the tests read.
 
 Adding a kernel:
 1. @njit(cache=True) (parallel=True for a prange kernel, nogil=True for a serial one), so a second process
@@ -33,10 +39,14 @@ Adding a kernel:
 3. Register it: runtime.register(__name__, kernels, warm, inner) at the end of its module, with a warm(dtype)
    that calls it (inner: kernels called only from other kernels; they compile with their callers). The tests
    fail for a kernel missing from the registry or not warmed up.
-4. A GEMM (np.dot) inside a parallel region runs under runtime.single_blas(), so BLAS does not add its own
-   threads to numba's.
+4. A GEMM inside a kernel is runtime.gemm(fn, ...), with fn = runtime.blas_gemm(dtype) passed in as an argument
+   (numba's np.dot calls scipy's slower BLAS; a function pointer baked into the kernel would keep it out of the
+   disk cache), and the kernel runs under runtime.single_blas(), so BLAS does not add its own threads to numba's.
 5. Parallel loops write disjoint outputs; reductions run in one fixed order (per-chunk partials summed in chunk
    order) over parts cut by runtime.parts(), so the results are the same bits whatever threads run them.
+6. Inside a loop, index arrays with the loop variable of a range(n) over a slice (xs = x[lo:hi]; xs[i]), not
+   with x[lo + i]: numba cannot prove lo + i is not negative, adds its wraparound check, and the loop stops
+   vectorizing.
 """
 from __future__ import annotations
 
