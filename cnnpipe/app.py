@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from cnnpipe import ConfigError
+from cnnpipe import ConfigError, runlock
 from cnnpipe.checkpoint import Checkpointer, checkpoint_arrays, load_checkpoint, run_dir_of, save_atomic
 from cnnpipe.early_stop import EarlyStopping
 from cnnpipe.governor import ThreadGovernor
@@ -87,6 +87,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     early = types.SimpleNamespace(stop_requested=None)
     with stop_on_signals(early, (signal.SIGUSR2,)):
         trainer = make_trainer(cfg, run_dir, overrides)
+        runlock.started(run_dir)                # set up: from here on a failure keeps the directory (a run)
         with stop_on_signals(trainer):
             trainer.stop_requested = trainer.stop_requested or early.stop_requested
             metrics = trainer.fit()

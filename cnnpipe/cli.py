@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import sys
 import textwrap
+from pathlib import Path
 
-from cnnpipe import ConfigError, rundir
+from cnnpipe import ConfigError, rundir, runlock
 from cnnpipe.sweep.plugins import missing_plugin
 from cnnpipe.train import Interrupted
 
@@ -22,11 +23,19 @@ def fail(message: str, code: int = EXIT_CONFIG):
     sys.exit(code)
 
 
-def run_guarded(fn):
-    """Call fn(); a ConfigError exits 2 with its message, an interrupt exits 130/143 saying how to resume."""
+def run_guarded(fn, run_dir=None):
+    """Call fn(); a ConfigError exits 2 with its message, an interrupt exits 130/143 saying how to resume.
+
+    With the run directory of a command Hydra started: it is locked for the run (already, mostly: see
+    check_command_line), and a ConfigError during the command's set-up leaves it as it was found
+    (runlock.discard_unstarted), so a refused run is no run."""
     try:
+        if run_dir is not None:
+            runlock.hold(run_dir)               # a no-op unless Hydra made the name from ${...} as it started
         return fn()
     except ConfigError as e:
+        if run_dir is not None:
+            runlock.discard_unstarted(run_dir)
         fail(str(e))
     except Interrupted as e:
         say(f"stopped by {e.reason} after finishing the current step; {e.run_dir}/checkpoints/last.npz holds the "
@@ -34,10 +43,32 @@ def run_guarded(fn):
         sys.exit(EXIT_SIGNAL.get(e.reason, 1))
 
 
-def check_command_line(argv: list[str]) -> list[str]:
-    """What scripts/train.py checks before Hydra starts (Hydra writes into the run directory at once): the
-    launcher/sweeper plugins are installed, the run directory is not another run's and can be created. Returns
-    the arguments to add (resume in place: Hydra's run directory is the resumed run's)."""
+def run_command(hydra_main, resumes: bool = False):
+    """Every command whose Hydra main makes a run directory (scripts/train.py, find_lr.py, torch_peer.py,
+    gradcheck.py) runs so: check_command_line first (exit 2 before Hydra writes anything), then Hydra with the
+    arguments it added; Ctrl-C outside the training loop (start-up, shutdown) exits 130."""
+    sys.argv += check_command_line(sys.argv[1:], resumes)
+    try:
+        hydra_main()
+    except KeyboardInterrupt:
+        print("interrupted.", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        runlock.release_all()
+
+
+def check_command_line(argv: list[str], resumes: bool = True) -> list[str]:
+    """What a command checks before Hydra starts (Hydra writes into the run directory at once): the launcher and
+    sweeper plugins are installed, the run (or sweep) directory is not another run's, not inside one, not in use,
+    and can be created; then it locks that directory for the run. Returns the arguments to add (resume in place:
+    Hydra's run directory is the resumed run's). `resumes`: the command continues runs (resume=).
+
+    Two processes that name one directory at once: both pass the read-only checks, and hold() lets one of them
+    lock it; the other is refused here, before Hydra starts. One that locks it after the first has ended sees the
+    first's files when the checks run again under the lock, and is refused too. What is left: a directory named
+    with ${...} is known only once Hydra resolves it, so it is locked when the command's task starts (after Hydra
+    wrote .hydra/ and its log there); the default directory is made and locked by the fresh_dir resolver before
+    Hydra writes. The lock binds cnnpipe's commands only (cnnpipe.runlock, also on NFS)."""
     if any(a in argv for a in ("-sc", "--shell-completion", "-h", "--help", "--hydra-help", "-c", "--cfg",
                                "--info")):
         return []                               # Hydra answers these without running anything
@@ -45,9 +76,19 @@ def check_command_line(argv: list[str]) -> list[str]:
         message = missing_plugin(argv)
         if message:
             raise ConfigError(message)
-        extra = rundir.resume_in_place_args(argv)
-        rundir.check_target_dir(argv + extra)
-        rundir.check_creatable(argv + extra)
+        resume = rundir.arg_value(argv, "resume")
+        if not resumes and resume not in (None, "", "null"):
+            raise ConfigError(f"resume={resume}: resume= continues a training run (python scripts/train.py "
+                              f"resume=<run>); {Path(sys.argv[0]).name} does not continue runs. Nothing was started.")
+        extra = rundir.resume_in_place_args(argv) if resumes else []
+        args = argv + extra
+        rundir.check_not_busy(args)
+        rundir.check_target_dir(args, resumes)
+        rundir.check_creatable(args)
+        _, target = rundir.target_dir(args)
+        if target is not None and "${" not in target:
+            runlock.hold(Path(target))
+            rundir.check_target_dir(args, resumes)   # again, under the lock: a run that ended meanwhile is seen now
     except ConfigError as e:
         fail(str(e))
     return extra

@@ -40,7 +40,7 @@ def lr_run(tmp_path_factory, fashion_root):
 def test_the_range_test_writes_its_curve_and_suggests_an_lr(lr_run):
     r, run, res = lr_run
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith("events.out.tfevents")) == \
-        [".hydra", "find_lr.log", "lr_find.json", "lr_find.png"]          # nothing else: no checkpoint, no metrics
+        [".cnnpipe.lock", ".hydra", "find_lr.log", "lr_find.json", "lr_find.png"]   # no checkpoint, no metrics
     lr, smoothed = np.array(res["lr"]), np.array(res["smoothed_loss"])
     n = res["steps"]
     assert len(lr) == len(res["loss"]) == n and 2 * SKIP_BEGIN < n < 80

@@ -2,15 +2,19 @@
 directories another run holds, all through the command line a user types."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
+import subprocess
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_script, tiny_overrides
+from conftest import PY, REPO, run_script, tiny_overrides
 
 from cnnpipe.checkpoint import load_checkpoint
 
@@ -153,6 +157,158 @@ def test_a_sweep_dir_that_holds_a_sweep_is_refused_and_jobs_cannot_share_a_dir(f
     assert not (tmp_path / "other" / "same").exists()
 
 
+@pytest.fixture(scope="module")
+def sweep_s(tmp_path_factory, fashion_root):
+    """A finished two-job sweep (one step each), and the state of every file in it."""
+    s = tmp_path_factory.mktemp("sweeps") / "S"
+    train("-m", *tiny_overrides(fashion_root, **SMALL, **{"trainer.max_steps": "1"}), "conv.k=3,5",
+          f"hydra.sweep.dir={s}")
+    return s, tree_state(s)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["hydra.run.dir={A}/checkpoints"], "is inside the run {A}"),
+    (["hydra.run.dir={A}/deeper/still"], "is inside the run {A}"),
+    (["hydra.run.dir={A}/branch_${{now:%H-%M-%S}}"], "is inside the run {A}"),
+    (["-m", "conv.k=3,5", "hydra.sweep.dir={A}"], "hydra.sweep.dir={A} already holds a run"),
+    (["-m", "conv.k=3,5", "hydra.sweep.dir={A}/sweep"], "is inside the run {A}"),
+    (["hydra.run.dir={S}"], "hydra.run.dir={S} already holds a sweep"),
+    (["hydra.run.dir={S}/new"], "is inside the sweep {S}"),
+    (["hydra.run.dir={S}/0"], "hydra.run.dir={S}/0 already holds a run"),
+    (["-m", "conv.k=3,5", "hydra.sweep.dir={S}/0/inner"], "is inside the run {S}/0"),
+])
+def test_a_directory_inside_a_run_or_a_sweep_is_refused(run_a, sweep_s, fashion_root, args, needle):
+    (a, a_before), (s, s_before) = run_a, sweep_s
+    args = [x.format(A=a, S=s) for x in args]
+    r = run_script("train.py", *tiny_overrides(fashion_root, **SMALL), *args)
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 2 and needle.format(A=a, S=s) in err and "Traceback" not in err, err
+    assert tree_state(a) == a_before and tree_state(s) == s_before
+
+
+@pytest.mark.parametrize("script", ["torch_peer.py", "gradcheck.py", "find_lr.py"])
+def test_every_command_that_makes_a_run_directory_checks_it_first(run_a, fashion_root, script):
+    a, before = run_a
+    r = run_script(script, *tiny_overrides(fashion_root, **SMALL), f"hydra.run.dir={a}")
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 2 and "already holds a run" in err and "resume=" not in err, err
+    assert tree_state(a) == before
+    r = run_script(script, *tiny_overrides(fashion_root, **SMALL), "hydra.run.dir=/proc/cnnpipe-run")
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 2 and "cannot be created" in err and "Traceback" not in err and err.count("error:") == 1
+
+
+@contextlib.contextmanager
+def started(*args, log: Path):
+    """scripts/train.py running in the background (its output in `log`); killed at the end if still running."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen([PY, str(REPO / "scripts" / "train.py"), *args], stdout=out, stderr=subprocess.STDOUT,
+                                cwd=REPO)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def frozen(proc: subprocess.Popen):
+    """The process stopped (SIGSTOP) while the block runs: its files stand still, its lock stays held."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+
+
+def wait_until(ready, proc: subprocess.Popen, log: Path, timeout: float = 240):
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, f"exited {proc.returncode} before it was ready:\n{log.read_text()[-3000:]}"
+        assert time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+
+
+def text(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def refused_as_busy(r, pid: int) -> bool:
+    err = " ".join(r.stderr.split())
+    return r.returncode == 2 and "is in use" in err and f"process {pid}" in err and "Traceback" not in err
+
+
+SLOW = {**SMALL, "trainer.epochs": "30"}             # a few seconds of training: long enough to be caught running
+
+
+def test_a_run_that_is_training_is_locked_against_a_second_writer(fashion_root, tmp_path):
+    """While a run trains (frozen with SIGSTOP, so that its files stand still), another start in its directory and
+    a resume of it in place are refused before they write anything; the run then finishes as if alone."""
+    run, log = tmp_path / "busy", tmp_path / "first.log"
+    with started(*tiny_overrides(fashion_root, **SLOW), f"hydra.run.dir={run}", log=log) as first:
+        wait_until(lambda: "data fashion_mnist" in text(run / "train.log"), first, log)
+        with frozen(first):
+            before = tree_state(run)
+            second = run_script("train.py", *tiny_overrides(fashion_root, **SMALL), "trainer.seed=7",
+                                f"hydra.run.dir={run}")
+            resumed = run_script("train.py", *tiny_overrides(fashion_root, **SMALL), f"resume={run}")
+            assert refused_as_busy(second, first.pid) and refused_as_busy(resumed, first.pid), second.stderr
+            assert tree_state(run) == before
+        assert first.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert metrics(run)["epochs"] == 30 and metrics(run)["seed"] == 0
+    assert "trainer.seed=7" not in (run / ".hydra" / "overrides.yaml").read_text()
+    assert not list((run / ".hydra").glob("resume-*"))
+
+
+def test_two_starts_in_one_directory_at_once_give_one_run(fashion_root, tmp_path):
+    """Two processes started together with the same hydra.run.dir: one runs, the other is refused (exit 2) whichever
+    gets there first, and the directory holds the one run's files only."""
+    run = tmp_path / "B"
+    with started(*tiny_overrides(fashion_root, **SLOW), "trainer.seed=1", f"hydra.run.dir={run}",
+                 log=tmp_path / "1.log") as one, \
+            started(*tiny_overrides(fashion_root, **SLOW), "trainer.seed=2", f"hydra.run.dir={run}",
+                    log=tmp_path / "2.log") as two:
+        codes = [one.wait(timeout=300), two.wait(timeout=300)]
+    assert sorted(codes) == [0, 2], codes
+    winner, loser = (1, 2) if codes[0] == 0 else (2, 1)
+    refusal = " ".join((tmp_path / f"{loser}.log").read_text().split())
+    assert "is in use" in refusal or "already holds a run" in refusal
+    assert metrics(run)["seed"] == winner
+    assert f"trainer.seed={winner}" in (run / ".hydra" / "overrides.yaml").read_text()
+    assert (run / "train.log").read_text().count("model lenet5") == 1         # the loser never logged there
+
+
+def test_a_sweep_that_is_running_is_locked_against_its_resume(fashion_root, tmp_path):
+    """sweep.resume=true on a sweep that still runs, and a resume in place of one of its jobs, are refused before
+    they write anything; the sweep then finishes."""
+    sweep, log = tmp_path / "S", tmp_path / "sweep.log"
+    command = ["-m", *tiny_overrides(fashion_root, **SLOW), "conv.k=3,5", f"hydra.sweep.dir={sweep}"]
+    with started(*command, log=log) as first:
+        wait_until(lambda: "data fashion_mnist" in text(sweep / "0" / "train.log"), first, log)
+        with frozen(first):
+            before = tree_state(sweep)
+            again = run_script("train.py", *command, "sweep.resume=true")
+            job = run_script("train.py", *tiny_overrides(fashion_root, **SMALL), f"resume={sweep}/0")
+            assert refused_as_busy(again, first.pid) and refused_as_busy(job, first.pid), (again.stderr, job.stderr)
+            assert tree_state(sweep) == before
+        assert first.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert [metrics(sweep / j)["epochs"] for j in "01"] == [30, 30]
+
+
+def test_a_killed_run_leaves_no_lock_behind(fashion_root, tmp_path):
+    """The lock is the kernel's (flock): it goes with the process, so a run killed with SIGKILL resumes at once."""
+    run, log = tmp_path / "killed", tmp_path / "killed.log"
+    with started(*tiny_overrides(fashion_root, **SLOW, **{"checkpoint.every_steps": "1"}), f"hydra.run.dir={run}",
+                 log=log) as first:
+        wait_until(lambda: (run / "checkpoints" / "last.npz").exists(), first, log)
+        first.kill()
+        first.wait()
+    train(*tiny_overrides(fashion_root, **SMALL), f"resume={run}", "trainer.epochs=1")
+    assert metrics(run)["resumed_from"]
+
+
 def test_two_runs_in_one_second_get_two_directories(fashion_root, tmp_path):
     """The default run directory is outputs/<name>/<time>; when that second's directory is taken (another run
     started then), the run takes <time>_1. Here every second of the next minute is taken."""
@@ -182,8 +338,26 @@ def test_values_that_cannot_train_are_refused_at_start(fashion_root, tmp_path, o
     r = run_script("train.py", *tiny_overrides(fashion_root), *override.split(), f"hydra.run.dir={tmp_path / 'r'}")
     err = " ".join(r.stderr.split())
     assert r.returncode == 2 and needle in err and "Traceback" not in err
-    assert not (tmp_path / "r" / "checkpoints").exists() and "data fashion_mnist" not in \
-        (tmp_path / "r" / "train.log").read_text()                  # refused before any data was loaded
+    assert "data fashion_mnist" not in r.stdout + r.stderr              # refused before any data was loaded
+    assert not (tmp_path / "r").exists()                                # and a refused run leaves no directory
+
+
+def test_a_refused_run_leaves_its_directory_as_it_was_so_the_same_command_runs_once_fixed(fashion_root, tmp_path):
+    """A run refused by a value check never trained: the directory Hydra made for it goes (the default one too),
+    a directory the user made keeps only what it had, and the same hydra.run.dir then takes the fixed run."""
+    small = tiny_overrides(fashion_root, **SMALL, **{"trainer.max_steps": "1"})
+    r = run_script("train.py", *small, "optim.lr=-1", cwd=tmp_path)
+    assert r.returncode == 2 and not [p for p in tmp_path.rglob("*") if p.is_file()]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    r = run_script("train.py", *small, "optim.lr=-1", f"hydra.run.dir={mine}")
+    assert r.returncode == 2 and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    for run in (tmp_path / "again", mine):
+        if run.name == "again":
+            assert run_script("train.py", *small, "optim.lr=-1", f"hydra.run.dir={run}").returncode == 2
+        train(*small, f"hydra.run.dir={run}")
+        assert metrics(run)["steps"] == 1 and (run / ".hydra").is_dir()
 
 
 def test_an_output_dir_that_cannot_be_created_is_one_paragraph(fashion_root):

@@ -99,9 +99,9 @@ def test_numba_runs_on_the_openmp_threading_layer(tmp_path, fashion_root):
     """The trainer sets the thread count, which starts numba's threads, before it builds the model: the layer
     must be the one the backend chose (OpenMP: ~1 µs hand-offs), and a user's NUMBA_THREADING_LAYER wins."""
     r = run_script("train.py", "backend=numba", "backend.threads=2", *tiny_overrides(fashion_root),
-                   "trainer.max_steps=2", f"hydra.run.dir={tmp_path}")
+                   "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'omp'}")
     assert r.returncode == 0, r.stderr
-    assert "numba threading layer omp, 2 threads" in (tmp_path / "train.log").read_text()
+    assert "numba threading layer omp, 2 threads" in (tmp_path / "omp" / "train.log").read_text()
     r = run_script("train.py", "backend=numba", *tiny_overrides(fashion_root), "trainer.max_steps=2",
                    f"hydra.run.dir={tmp_path / 'wq'}", env={"NUMBA_THREADING_LAYER": "workqueue"})
     assert r.returncode == 0, r.stderr                  # a user's explicit choice is kept

@@ -9,11 +9,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from cnnpipe.cli import check_command_line, fail, run_guarded
+from cnnpipe.cli import fail, run_command, run_guarded
 from cnnpipe.commands import CONF_DIR
 from cnnpipe.config import register_configs
 from cnnpipe.find_lr import find_lr, format_report
-from cnnpipe.rundir import is_multirun
+from cnnpipe.rundir import arg_value, is_multirun
 
 register_configs()
 
@@ -21,7 +21,7 @@ register_configs()
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="find_lr")
 def hydra_main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
-    result = run_guarded(lambda: find_lr(cfg, run_dir))
+    result = run_guarded(lambda: find_lr(cfg, run_dir), run_dir)
     print(format_report(result, run_dir))
     if result["suggestion"] is not None:                # the user's own settings, with the suggested lr
         keep = [o for o in HydraConfig.get().overrides.task
@@ -34,13 +34,7 @@ def main() -> None:
     if is_multirun(argv):
         fail("scripts/find_lr.py runs one range test; -m (and hparams_search=) are for training sweeps. Run it once "
              "per setting you want to compare, e.g. python scripts/find_lr.py optim=adam.")
-    if any(a.split("=", 1)[0].lstrip("+") == "resume" and a.split("=", 1)[1] not in ("", "null")
-           for a in argv if "=" in a):
+    if arg_value(argv, "resume") not in (None, "", "null"):
         fail("resume= continues a training run; the LR range test starts from the configured model's fresh "
              "weights, or from a checkpoint's weights with init_from=<run dir or checkpoint>.")
-    sys.argv += check_command_line(argv)         # run dir free and creatable (exit 2 if not)
-    try:
-        hydra_main()
-    except KeyboardInterrupt:
-        print("interrupted.", file=sys.stderr)
-        sys.exit(130)
+    run_command(hydra_main)                      # run dir free, creatable and locked (exit 2 if not)

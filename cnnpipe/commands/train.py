@@ -9,7 +9,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from cnnpipe.app import train
-from cnnpipe.cli import check_command_line, run_guarded
+from cnnpipe.cli import run_command, run_guarded
 from cnnpipe.commands import CONF_DIR
 from cnnpipe.config import register_configs
 from cnnpipe.sweep.callback import failed_jobs
@@ -23,16 +23,11 @@ def hydra_main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN:                 # a failing job is recorded, the sweep goes on (cnnpipe/sweep/)
         return run_job(cfg, hc, train)
-    return run_guarded(lambda: train(cfg, hc.runtime.output_dir, list(hc.overrides.task)))
+    return run_guarded(lambda: train(cfg, hc.runtime.output_dir, list(hc.overrides.task)), hc.runtime.output_dir)
 
 
 def main() -> None:
-    sys.argv += check_command_line(sys.argv[1:])   # plugins installed, run dir free and creatable (exit 2 if not)
-    try:
-        hydra_main()
-    except KeyboardInterrupt:                      # Ctrl-C outside the training loop (start-up, shutdown)
-        print("interrupted.", file=sys.stderr)
-        sys.exit(130)
+    run_command(hydra_main, resumes=True)          # plugins installed, run dir free, creatable, locked (exit 2 if not)
     if failed_jobs:                                # the summary lists them; the exit code says so too
         print(f"{len(failed_jobs)} job(s) of the sweep did not finish (see summary.md).", file=sys.stderr)
         if any(j["status"] == "interrupted" for j in failed_jobs):
