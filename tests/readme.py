@@ -1,6 +1,7 @@
 """The README's shell commands, as tests run them: `readme_commands("SLURM")` is what a user copies from that
 section (backslash continuations joined, trailing `# comments` dropped); `all_readme_commands()` is every command
-of the README with its section's heading. Example output belongs in ```text fences, which hold no commands."""
+of the README with its section's heading; `ray_cluster_step` says which README Ray command tests/cluster/test_ray.py
+runs as what. Example output belongs in ```text fences, which hold no commands."""
 from __future__ import annotations
 
 import re
@@ -130,3 +131,22 @@ def with_overrides(command: str, *overrides: str) -> str:
         else:
             words.append(override)
     return shlex.join(words)
+
+
+def ray_cluster_step(command: str) -> str | None:
+    """What tests/cluster/test_ray.py does with a command of the README's Ray section: "env" (an `export` it
+    applies to the commands after it), "head" (`ray start --head ...`), "join" (`ray start --address=...`),
+    "sweep" (the sweep on the running cluster) or "stop" (`ray stop`, which it does by stopping exactly the
+    processes it started); None for a command it does not run."""
+    words = shlex.split(command)
+    if words[0] == "export":
+        return "env"
+    if words[:3] == ["ray", "start", "--head"]:
+        return "head"
+    if words[:2] == ["ray", "start"] and any(w.startswith("--address=") for w in words):
+        return "join"
+    if words == ["ray", "stop"]:
+        return "stop"
+    if words[0] == "python" and "hydra.launcher.ray.init.address=auto" in words:
+        return "sweep"
+    return None

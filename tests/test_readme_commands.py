@@ -31,7 +31,9 @@ import pytest
 import torchvision.datasets as tvd
 from conftest import REPO, make_fashion_root
 from datasets import write_cifar, write_mnist_family
-from readme import all_readme_commands, fenced_blocks, with_overrides
+from readme import all_readme_commands, fenced_blocks, ray_cluster_step, with_overrides
+
+from cnnpipe.rundir import checkpoint_run_dir
 
 VENV_BIN = Path(sys.executable).parent
 COMMANDS = all_readme_commands()
@@ -42,8 +44,13 @@ FIND_LR_STEPS = 30                                                    # find_lr.
 BENCH_SHRINK = ("--override data.val_size=100 --models lenet5 --backends numba --experiments --cifar-size 600 200 "
                 "--quick-steps 5 --bare-budget 1")                   # bench.py's own options, after --quick
 SKIPS = {
-    "cluster": "runs for real on a one-node SLURM or Ray cluster in tests/cluster/test_slurm.py and "
-               "tests/cluster/test_ray.py (make test-cluster, as root)",
+    "cluster": "runs for real on a one-node SLURM cluster in tests/cluster/test_slurm.py (make test-cluster, as root)",
+    "ray cluster": "runs in tests/cluster/test_ray.py (make test-cluster, as root), on a two-node Ray cluster on "
+                   "127.0.0.1: the export and the loopback head as written (the other head line is that one "
+                   "without --node-ip-address=127.0.0.1, which the test checks), the join as written (Ray refuses "
+                   "it on loopback, as the README says; the second node then comes from Ray's node API), the "
+                   "sweep, and `ray stop` as stopping exactly the processes that test started (never `ray stop` "
+                   "itself, which stops every Ray on the machine)",
     "suite": "the test suite itself: CI runs make test and make test-cluster (make test inside make test would "
              "recurse)",
     "bench": "the full benchmark takes ~20 min on an idle machine (docs/bench); the --quick line runs here",
@@ -54,9 +61,11 @@ SKIPS = {
 def rule_for(heading: str, command: str):
     """The rule that runs (or skips) one README command; None for a command no rule covers."""
     words = shlex.split(command)
-    if heading == "Ray" and words[0] != "ray" and "hydra.launcher.ray.init.address" not in command:
+    if heading == "Ray" and ray_cluster_step(command):
+        return skipped("ray cluster")
+    if heading == "Ray" and script_of(words) == "train" and "hydra/launcher=ray" in words:
         return run_local_ray
-    if heading in ("SLURM", "Ray") or words[0] == "ray":
+    if heading == "SLURM":
         return skipped("cluster")
     if words[0] == "pip":
         return skipped("pip")
@@ -205,8 +214,8 @@ def stamps(cwd: Path, name: str) -> dict:
 
 
 def run_of(path: Path) -> Path:
-    """The run directory a resume= or init_from= value names (the run itself, or one of its checkpoints)."""
-    return path.parents[1] if path.suffix == ".npz" else path
+    """The run directory a resume= or init_from= value names (the run itself, its checkpoints/, or a checkpoint)."""
+    return checkpoint_run_dir(path) or path
 
 
 def tree_bytes(folder: Path) -> dict:
