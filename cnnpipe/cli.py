@@ -5,6 +5,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
+
 from cnnpipe import ConfigError, rundir, runlock
 from cnnpipe.sweep.plugins import missing_plugin
 from cnnpipe.train import Interrupted
@@ -31,7 +34,7 @@ def run_guarded(fn, run_dir=None):
     (runlock.discard_unstarted), so a refused run is no run."""
     try:
         if run_dir is not None:
-            runlock.hold(run_dir)               # a no-op unless Hydra made the name from ${...} as it started
+            runlock.hold(run_dir)               # taken already when run_command started it (a no-op then)
         return fn()
     except ConfigError as e:
         if run_dir is not None:
@@ -65,10 +68,10 @@ def check_command_line(argv: list[str], resumes: bool = True) -> list[str]:
 
     Two processes that name one directory at once: both pass the read-only checks, and hold() lets one of them
     lock it; the other is refused here, before Hydra starts. One that locks it after the first has ended sees the
-    first's files when the checks run again under the lock, and is refused too. What is left: a directory named
-    with ${...} is known only once Hydra resolves it, so it is locked when the command's task starts (after Hydra
-    wrote .hydra/ and its log there); the default directory is made and locked by the fresh_dir resolver before
-    Hydra writes. The lock binds cnnpipe's commands only (cnnpipe.runlock, also on NFS)."""
+    first's files when the checks run again under the lock, and is refused too. A directory named with ${...} is
+    known only once Hydra resolves it: ResolvedDirCheck checks and locks it then, before Hydra writes there; the
+    default directory is made and locked by the fresh_dir resolver. The lock binds cnnpipe's commands only
+    (cnnpipe.runlock, also on NFS)."""
     if any(a in argv for a in ("-sc", "--shell-completion", "-h", "--help", "--hydra-help", "-c", "--cfg",
                                "--info")):
         return []                               # Hydra answers these without running anything
@@ -82,13 +85,54 @@ def check_command_line(argv: list[str], resumes: bool = True) -> list[str]:
                               f"resume=<run>); {Path(sys.argv[0]).name} does not continue runs. Nothing was started.")
         extra = rundir.resume_in_place_args(argv) if resumes else []
         args = argv + extra
-        rundir.check_not_busy(args)
-        rundir.check_target_dir(args, resumes)
-        rundir.check_creatable(args)
-        _, target = rundir.target_dir(args)
-        if target is not None and "${" not in target:
-            runlock.hold(Path(target))
-            rundir.check_target_dir(args, resumes)   # again, under the lock: a run that ended meanwhile is seen now
+        _check_and_lock(args, resumes)
     except ConfigError as e:
         fail(str(e))
+    _checked.update(argv=args, resumes=resumes)
     return extra
+
+
+_checked: dict = {}                             # what check_command_line checked: argv (with its additions), resumes
+
+
+def _check_and_lock(args: list[str], resumes: bool):
+    rundir.check_not_busy(args)
+    rundir.check_target_dir(args, resumes)
+    rundir.check_creatable(args)
+    _, target = rundir.target_dir(args)
+    if target is not None and "${" not in target:
+        runlock.hold(Path(target))
+        rundir.check_target_dir(args, resumes)   # again, under the lock: a run that ended meanwhile is seen now
+
+
+def check_resolved_dir(config, key: str):
+    """The checks check_command_line could not make on a directory named with ${...}, made on what Hydra resolved
+    it to, before Hydra writes there: `hydra.run.dir=runs/${name}` that names an existing run is refused like
+    `hydra.run.dir=runs/train`."""
+    argv = _checked.get("argv")
+    if argv is None or "${" not in (rundir.arg_value(argv, key) or ""):
+        return                                  # named on the command line (checked), or the default (fresh_dir)
+    resolved = str(OmegaConf.select(config, key))
+    args = [a for a in argv if a.split("=", 1)[0].lstrip("+") != key] + [f"{key}={resolved}"]
+    try:
+        _check_and_lock(args, _checked["resumes"])
+    except ConfigError as e:
+        refuse_unstarted(resolved, str(e))
+
+
+def refuse_unstarted(directory, message: str):
+    """Refuse a command before its task started: its directory is left as it was found (runlock.discard_unstarted),
+    then exit 2 with the message."""
+    runlock.discard_unstarted(Path(directory))
+    fail(message)
+
+
+class ResolvedDirCheck(Callback):
+    """Hydra calls it once the config is composed and before it writes into the run (or sweep) directory
+    (conf/hydra/default.yaml): check_resolved_dir on the directory Hydra is about to use."""
+
+    def on_run_start(self, config, **kwargs):
+        check_resolved_dir(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config, **kwargs):
+        check_resolved_dir(config, "hydra.sweep.dir")

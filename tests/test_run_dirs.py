@@ -125,9 +125,13 @@ def test_init_from_with_the_optimizer_state_needs_the_same_optimizer(run_a, fash
 def test_init_from_in_a_sweep_and_resume_with_init_from(run_a, fashion_root, tmp_path):
     a, before = run_a
     sweep = tmp_path / "sweep"
-    train("-m", *tiny_overrides(fashion_root, **SMALL), f"init_from={a}", "optim.lr=0.001,0.002",
+    train("-m", *tiny_overrides(fashion_root, **SMALL), f"init_from={a}", "optim.lr=1e-12,0.02",
           f"hydra.sweep.dir={sweep}")
-    assert [metrics(sweep / j)["steps"] for j in "01"] == [4, 4]
+    jobs = [metrics(sweep / j) for j in "01"]
+    assert [m["steps"] for m in jobs] == [4, 4]
+    assert all("conv1.W" in m["init_from"]["loaded"] and m["init_from"]["skipped"] == [] for m in jobs)
+    assert jobs[0]["test_loss"] == pytest.approx(metrics(a)["test_loss"], rel=1e-5)   # lr ~0: A's weights
+    assert jobs[1]["test_loss"] != pytest.approx(metrics(a)["test_loss"], rel=1e-3)   # trained on from them
     assert tree_state(a) == before
     r = run_script("train.py", *tiny_overrides(fashion_root), f"init_from={a}", f"resume={a}",
                    f"hydra.run.dir={tmp_path / 'both'}")
@@ -153,8 +157,22 @@ def test_a_sweep_dir_that_holds_a_sweep_is_refused_and_jobs_cannot_share_a_dir(f
     r = run_script("train.py", "-m", *small, "conv.k=3,5", f"hydra.sweep.dir={tmp_path / 'other'}",
                    "hydra.sweep.subdir=same")
     err = " ".join(r.stderr.split())
-    assert r.returncode == 2 and "every job of the sweep the same directory" in err and "Traceback" not in err
-    assert not (tmp_path / "other" / "same").exists()
+    assert r.returncode == 2 and "gives job 0 (" in err and "the same directory 'same'" in err
+    assert "Traceback" not in err and not (tmp_path / "other").exists()
+
+
+def test_sweep_jobs_whose_resolved_directories_collide_are_refused_before_any_runs(fashion_root, tmp_path):
+    """override_dirname without the swept key (exclude_keys) names two jobs alike: refused before job 0 runs."""
+    small = tiny_overrides(fashion_root, **SMALL, **{"trainer.max_steps": "1"})
+    common = ["-m", *small, "optim.lr=0.01,0.02", "hydra.sweep.subdir=${hydra.job.override_dirname}"]
+    r = run_script("train.py", *common, f"hydra.sweep.dir={tmp_path / 'clash'}",
+                   "hydra.job.config.override_dirname.exclude_keys=[optim.lr]")
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 2 and "job 0 (" in err and "optim.lr=0.01" in err and "job 1 (" in err, err
+    assert "Traceback" not in err and not (tmp_path / "clash").exists()
+    train(*common, f"hydra.sweep.dir={tmp_path / 'apart'}")             # with optim.lr in the name: two dirs
+    done = sorted(str(m.parent) for m in (tmp_path / "apart").rglob("metrics.json"))
+    assert len(done) == 2 and "optim.lr=0.01" in done[0] and "optim.lr=0.02" in done[1]
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +202,25 @@ def test_a_directory_inside_a_run_or_a_sweep_is_refused(run_a, sweep_s, fashion_
     err = " ".join(r.stderr.split())
     assert r.returncode == 2 and needle.format(A=a, S=s) in err and "Traceback" not in err, err
     assert tree_state(a) == a_before and tree_state(s) == s_before
+
+
+def test_a_directory_named_with_an_interpolation_is_checked_once_resolved(run_a, sweep_s, fashion_root, tmp_path):
+    """${name} is "train": a copy of run A and of sweep S under that name are refused like their literal paths."""
+    (a, _), (s, _) = run_a, sweep_s
+    runs, sweeps = tmp_path / "runs", tmp_path / "sweeps"
+    shutil.copytree(a, runs / "train")
+    shutil.copytree(s, sweeps / "train")
+    before = tree_state(tmp_path)
+    for mode, args, needle in (
+            ([], ["hydra.run.dir=" + str(runs) + "/${name}"], f"hydra.run.dir={runs}/train already holds a run"),
+            (["-m"], ["conv.k=3,5", "hydra.sweep.dir=" + str(sweeps) + "/${name}"],
+             f"hydra.sweep.dir={sweeps}/train already holds a sweep")):
+        r = run_script("train.py", *mode, *tiny_overrides(fashion_root, **SMALL), *args)
+        err = " ".join(r.stderr.split())
+        assert r.returncode == 2 and needle in err and "Traceback" not in err, err
+        assert tree_state(tmp_path) == before
+    train(*tiny_overrides(fashion_root, **SMALL), "hydra.run.dir=" + str(runs) + "/${name}_new")
+    assert metrics(runs / "train_new")["steps"] == 4
 
 
 @pytest.mark.parametrize("script", ["torch_peer.py", "gradcheck.py", "find_lr.py"])

@@ -9,7 +9,7 @@ from hydra.experimental.callback import Callback
 
 from cnnpipe import ConfigError
 from cnnpipe.backends.cores import THREADS_ENV
-from cnnpipe.cli import fail
+from cnnpipe.cli import refuse_unstarted
 from cnnpipe.sweep.by_config import format_top_configs, seed_statistics, write_by_config
 from cnnpipe.sweep.plan import check_sweep_dir, cpu_count, drop_ray_object_store_default, job_threads
 from cnnpipe.sweep.summary import collect_jobs, direction, format_top, sort_rows, write_summary
@@ -22,7 +22,7 @@ class SweepCallback(Callback):
         try:
             check_sweep_dir(config)
         except ConfigError as e:
-            fail(str(e))
+            refuse_unstarted(config.hydra.sweep.dir, str(e))
         os.environ.pop(THREADS_ENV, None)                   # left by an earlier sweep of this process
         drop_ray_object_store_default(config)
         threads, parallel = job_threads(config)

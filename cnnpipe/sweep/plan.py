@@ -29,11 +29,7 @@ def check_sweep_dir(config):
     """Before any job starts: the jobs get distinct directories, and a resumed sweep is the same sweep (every
     existing job directory was run with the overrides this command gives that job number)."""
     hydra_cfg = config.hydra
-    subdir = str(OmegaConf.to_container(hydra_cfg.sweep, resolve=False).get("subdir"))   # unresolved
-    if not any(key in subdir for key in ("hydra.job.num", "hydra.job.id", "hydra.job.override_dirname")):
-        raise ConfigError(f"hydra.sweep.subdir={subdir} gives every job of the sweep the same directory; "
-                          f"each job must write into its own. Include ${{hydra.job.num}} (the default) or "
-                          f"${{hydra.job.override_dirname}} in it.")
+    check_distinct_subdirs(config)
     if not config.sweep.resume:
         return
     sweep_dir, jobs = Path(str(hydra_cfg.sweep.dir)), planned_jobs(hydra_cfg)
@@ -48,6 +44,44 @@ def check_sweep_dir(config):
                 f"{' '.join(prior.get('overrides') or [])!r}, and this command gives it {' '.join(overrides)!r}: "
                 f"{sweep_dir} holds another sweep. Nothing was run and its results are left as they were. Resume "
                 f"with exactly the command that started the sweep, or use a new hydra.sweep.dir.")
+
+
+def check_distinct_subdirs(config):
+    """Every job of the sweep gets a directory of its own: hydra.sweep.subdir holds the job's number or id (the
+    default: ${hydra.job.num}), or, resolved for each planned job as the launcher will resolve it, names no two jobs
+    alike (${hydra.job.override_dirname} with exclude_keys can)."""
+    subdir = str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir"))   # unresolved
+    if "hydra.job.num" in subdir or "hydra.job.id" in subdir:
+        return
+    fix = ("each job must write into its own. Include ${hydra.job.num} (the default) in hydra.sweep.subdir, "
+           "e.g. hydra.sweep.subdir=${hydra.job.num}_${hydra.job.override_dirname}.")
+    jobs = planned_jobs(config.hydra)
+    if jobs is None:
+        raise ConfigError(f"hydra.sweep.subdir={subdir} has no ${{hydra.job.num}}, and this sweeper proposes its "
+                          f"jobs as it goes, so nothing shows before they run that two jobs get different "
+                          f"directories; {fix}")
+    seen: dict[str, int] = {}
+    for num, job_dir in enumerate(job_subdirs(config, jobs)):
+        if job_dir in seen:
+            first = seen[job_dir]
+            raise ConfigError(f"hydra.sweep.subdir={subdir} gives job {first} ({' '.join(jobs[first])}) and job "
+                              f"{num} ({' '.join(jobs[num])}) the same directory {job_dir!r}; {fix} Nothing was "
+                              f"run.")
+        seen[job_dir] = num
+
+
+def job_subdirs(config, jobs: list[list[str]]) -> list[str]:
+    """Each job's hydra.sweep.subdir as Hydra's launchers resolve it: the job's own config (Hydra's config loader,
+    so override_dirname and every interpolation are the job's), with its number."""
+    from hydra.core.global_hydra import GlobalHydra
+    loader = GlobalHydra.instance().hydra.config_loader
+    dirs = []
+    for num, overrides in enumerate(jobs):
+        job_cfg = loader.load_sweep_config(config, list(overrides))
+        with open_dict(job_cfg):
+            job_cfg.hydra.job.num = job_cfg.hydra.job.id = num
+        dirs.append(str(job_cfg.hydra.sweep.subdir))
+    return dirs
 
 
 def cpu_count() -> int:
