@@ -16,7 +16,6 @@ Shuffling and augmentation are drawn from (seed, epoch), so the state above is a
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from omegaconf import OmegaConf
 from cnnpipe import ConfigError
 from cnnpipe.callbacks import Callback
 from cnnpipe.early_stop import EPOCH_METRICS
+from cnnpipe.jsonio import atomic_path
 from cnnpipe.metrics import default_metric, improved
 from cnnpipe.rundir import checkpoint_run_dir
 
@@ -57,27 +57,12 @@ def checkpoint_arrays(tr) -> dict[str, np.ndarray]:
 
 
 def save_atomic(path: Path, arrays: dict[str, np.ndarray], _before_rename=None):
-    """Write to a temporary file in the same folder, flush + fsync, then os.replace: a crash at any point
-    leaves either the old checkpoint or the new one, never half of one."""
+    """jsonio.atomic_path's temporary file, fsync and rename: a crash at any point leaves either the old
+    checkpoint or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        if _before_rename is not None:          # fault-injection point for tests
-            _before_rename(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dirfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)                         # make the rename itself durable
-    finally:
-        os.close(dirfd)
+    with atomic_path(path, _before_rename) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 # -- reading --------------------------------------------------------------------------------------------------

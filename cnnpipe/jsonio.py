@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +12,24 @@ import numpy as np
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary name in path's folder to write to; on a clean exit it is fsynced and renamed to path (a reader
-    sees the old file or the new one, never half), on an error removed."""
+def atomic_path(path: Path, before_rename: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """A temporary name in path's folder to write to; on a clean exit it is fsynced and renamed to path, and the
+    rename made durable (a reader, or a machine that lost power, sees the old file or the new one, never half); on
+    an error removed. `before_rename(tmp)`: a fault-injection point for tests."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename(tmp)
         os.replace(tmp, path)
+        dirfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dirfd)                     # the rename itself
+        finally:
+            os.close(dirfd)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -310,7 +310,7 @@ def _direct_backward(dy, x, w, pad, dx):
 
 
 def _warm(dtype: np.dtype) -> None:
-    """Both im2col loops (unit and other strides), kept and rebuilt columns, with and without dx; direct.py's."""
+    """Both im2col loops (unit and other strides), kept and rebuilt columns, with and without dx."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 2, 5, 5)).astype(dtype)
     w = rng.standard_normal((3, 2, 3, 3)).astype(dtype)
@@ -319,8 +319,7 @@ def _warm(dtype: np.dtype) -> None:
         y, cache = _im2col_forward(x, w, b, stride, 1)
         conv2d_backward(y, cache, need_dx=True)          # kept columns
         conv2d_backward(y, cache, need_dx=False)         # rebuilt columns
-    direct.warm(dtype)
 
 
-register(__name__, (_conv_forward_chunks, _conv_backward_chunks, _zeropad, *direct.KERNELS), _warm,
-         inner=(_im2col, _col2im, _add_bias_to_nfp, _delta_to_fnp, _chunk_cols, *direct.INNER))
+register(__name__, (_conv_forward_chunks, _conv_backward_chunks, _zeropad), _warm,
+         inner=(_im2col, _col2im, _add_bias_to_nfp, _delta_to_fnp, _chunk_cols))

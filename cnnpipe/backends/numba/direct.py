@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange  # after runtime: numba's threading layer is chosen there
 
+from cnnpipe.backends.numba.runtime import register
+
 MAX_FILTERS = 8  # direct when a layer has this many filters or fewer: im2col's GEMM then has a short side
 MAX_TAPS = 256   # ... and at most this many taps C·K·K per filter (measurements: docs/numba.md)
 
@@ -158,5 +160,5 @@ def warm(dtype: np.dtype) -> None:
                           np.empty((2, 2, K, K), dtype))
 
 
-KERNELS = (direct_forward, direct_input_grad, direct_weight_grad, delta_on_grid)
-INNER = (_add_taps, _row_dots)
+register(__name__, (direct_forward, direct_input_grad, direct_weight_grad, delta_on_grid), warm,
+         inner=(_add_taps, _row_dots))
