@@ -39,8 +39,9 @@ def test_gradcheck_detects_a_wrong_rule(compose_cfg, monkeypatch):
     ["model=custom_example", "pool=mean"], ["model=lenet5", "conv.stride=2", "conv.k=3", "model.activation=sigmoid"],
 ])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_model_gradients_match_torch_autograd(compose_cfg, overrides, dtype):
-    cfg = compose_cfg(overrides + [f"dtype={dtype}"])
+@pytest.mark.parametrize("backend", ["numpy", "numba", "reference"])
+def test_model_gradients_match_torch_autograd(compose_cfg, overrides, dtype, backend):
+    cfg = compose_cfg(overrides + [f"dtype={dtype}", f"backend={backend}"])
     model = build_model(cfg)
     for layer in model.layers:
         if hasattr(layer, "need_dx"):

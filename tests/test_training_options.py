@@ -188,6 +188,20 @@ def test_clip_norm_bounds_every_update_and_is_counted(fashion_root, tmp_path):
     assert step == pytest.approx(0.1 * 0.001, rel=1e-3)
 
 
+def test_grad_norm_scalars_are_the_norms_of_the_gradients_the_step_applied(fashion_root, tmp_path):
+    """One plain SGD step moves each parameter by -lr·g: grad_norm/<param> is ‖moved‖/lr for each parameter, and
+    grad_norm/total the norm of all of them together."""
+    run = tmp_path / "run"
+    train(*tiny_overrides(fashion_root, **SMALL, **{"logger.tensorboard": "true", "logger.scalar_every": "1"}),
+          "optim.momentum=0", "optim.lr=0.1", "trainer.max_steps=1", "checkpoint.every_steps=1",
+          f"hydra.run.dir={run}")
+    moves = moved(fashion_root, run)
+    for name, d in moves.items():
+        assert scalars(run, f"grad_norm/{name}")[0][1] == pytest.approx(np.linalg.norm(d) / 0.1, rel=1e-4), name
+    total = math.sqrt(sum(float(np.sum(d ** 2)) for d in moves.values())) / 0.1
+    assert scalars(run, "grad_norm/total") == [(1, pytest.approx(total, rel=1e-4))]
+
+
 def test_clip_value_bounds_every_entry_of_the_update_and_is_counted(fashion_root, tmp_path):
     """Plain SGD with clip_value v: no entry moves by more than lr·v in the step, and the largest move is exactly
     that (raw gradient entries are far larger); the step counts as clipped, in metrics.json and TensorBoard."""
