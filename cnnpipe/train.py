@@ -66,8 +66,8 @@ class Trainer:
             raise ConfigError("trainer.test_checkpoint=best needs checkpoints/best.npz, but checkpoint.enabled=false.")
         self.clip = Clip(cfg.optim.clip_norm, cfg.optim.clip_value) if \
             cfg.optim.clip_norm is not None or cfg.optim.clip_value is not None else None
+        check_early_stopping(cfg.trainer.early_stopping, bool(cfg.data.val_size))   # before the data loads
         self.data = load_data(cfg.data, cfg.trainer.seed)
-        check_early_stopping(cfg.trainer.early_stopping, self.data.val is not None)
         log.info("data %s from %s: train %d, val %d, test %d", self.data.name, self.data.source,
                  len(self.data.train.y), 0 if self.data.val is None else len(self.data.val.y), len(self.data.test.y))
         self.steps_per_epoch = num_batches(len(self.data.train.y), cfg.trainer.batch_size)

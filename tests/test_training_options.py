@@ -71,6 +71,21 @@ def test_early_stopping_stops_after_patience_epochs_and_says_why(fashion_root, t
     assert "early stopping after epoch 3: val_loss has not improved" in (run / "train.log").read_text()
 
 
+def test_the_monitored_metric_and_its_mode_decide_the_stop(fashion_root, tmp_path):
+    """train_loss falls every epoch here: watched for a fall (mode=min) the run goes on; watched for a rise
+    (mode=max, as for an accuracy) epoch 1 stays the best and the run stops after patience epochs."""
+    common = [*tiny_overrides(fashion_root, **SMALL), "trainer.epochs=4", "optim.lr=0.01",
+              "trainer.early_stopping.patience=1", "trainer.early_stopping.monitor=train_loss"]
+    for mode, epochs in (("min", 4), ("max", 2)):
+        run = tmp_path / mode
+        train(*common, f"trainer.early_stopping.mode={mode}", f"hydra.run.dir={run}")
+        m = metrics(run)
+        losses = m["history"]["train_loss"]
+        assert all(b < a for a, b in zip(losses, losses[1:])), losses
+        assert m["epochs"] == epochs, (mode, m["epochs"], m["stopped_early"])
+        assert (m["stopped_early"] or "").startswith("train_loss has not improved" if mode == "max" else "")
+
+
 def test_a_resumed_run_keeps_the_patience_count(fashion_root, tmp_path):
     """Epochs 1-2 (best at 1, one epoch without improvement), then resumed to 10: the stop comes at epoch 3, as in
     the run that never stopped; a fresh count would have taken epoch 3 as the new best and stopped at 5."""
