@@ -371,15 +371,17 @@ def test_thin_unit_stride_layers_go_direct_and_wide_ones_through_im2col():
         assert cache.direct == want, (C, F, stride)
 
 
-@pytest.mark.parametrize("split", [0, 1e30], ids=["rows-split", "one-call"])
+@pytest.mark.parametrize("split", [0, 1e30], ids=["split", "one-call"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("M,K,N", [(3, 5, 2), (64, 400, 120), (120, 64, 400), (257, 300, 33)])
-def test_matmul_agrees_with_numpy(monkeypatch, dtype, M, K, N, split):
-    """The dense layers' product: rows split over the workers (large) or one call (small), any strides."""
+@pytest.mark.parametrize("b_transposed", [True, False], ids=["b=Wt", "b=W"])
+@pytest.mark.parametrize("M,K,N", [(3, 5, 2), (64, 400, 120), (120, 64, 400), (257, 300, 33), (1, 7, 9)])
+def test_matmul_agrees_with_numpy(monkeypatch, dtype, M, K, N, split, b_transposed):
+    """The dense layers' product: split over the workers by columns (wider than tall) or rows (large), or one
+    call (small), any strides; a single row too."""
     monkeypatch.setattr(dense, "MATMUL_SPLIT_FLOPS", split)
     rng = np.random.default_rng(M * N + K)
     a = rng.standard_normal((K, M)).astype(dtype).T                     # a transposed view, like δᵀ
-    b = rng.standard_normal((N, K)).astype(dtype).T                     # like Wᵀ
+    b = rng.standard_normal((N, K)).astype(dtype).T if b_transposed else rng.standard_normal((K, N)).astype(dtype)
     got = B.matmul(a, b)
     assert got.shape == (M, N) and got.dtype == dtype and got.flags.c_contiguous
     assert rel_err(got, a.astype(np.float64) @ b.astype(np.float64)) <= (1e-5 if dtype == np.float32 else 1e-12)

@@ -14,16 +14,18 @@ oversubscription and no Python between the steps of a layer.
   zeropad(δ) with the flipped kernel, rule 5 as the valid correlation of zeropad(x) with δ.
 - other conv layers (conv.py): the batch is cut into chunks (a chunk's columns stay in cache, at least one
   chunk per thread), one task per chunk. Forward per chunk: im2col col (C,K,K,nb,Ho,Wo) -> one sgemm
-  W2d @ col -> bias add fused with the (F,nb,P) -> (N,F,P) reorder. Backward per chunk: δ reordered to
-  (F,nb,P); rule 5 dW part = δ2d @ colᵀ (parts summed in chunk order); rule 4 dx = col2im(W2dᵀ @ δ2d), the
+  W2d @ col -> bias add fused with the (F,nb,P) -> (N,F,P) reorder. Backward, one group of consecutive chunks
+  per thread of the run's budget, per chunk: δ reordered to (F,nb,P); rule 5 dW += δ2d @ colᵀ into the group's
+  partial (the GEMM accumulates; the groups' partials are summed in order); rule 4 dx = col2im(W2dᵀ @ δ2d), the
   transposed convolution, which equals the full convolution of δ with the flipped kernel. Rule 6 db is numpy's
   (deterministic) sum. Forward lends the batch's columns to the first backward when they fit KEEP_COL_BYTES
-  (a training batch); otherwise backward rebuilds them, so memory stays bounded for any batch size. Backward
-  only reads the cache.
+  (a small layer's training batch); otherwise backward rebuilds them chunk by chunk from the padded input (in
+  cache, cheaper than reading a large column buffer back from memory), so memory stays bounded for any batch
+  size. Backward only reads the cache.
 - pools (pool.py): direct loops, prange over (n, c) planes, so threads write disjoint memory; 2×2 windows every 2
   have loops of their own that vectorize.
-- dense layers (dense.py, matmul): row blocks of the product, one GEMM each, in one parallel region; small
-  products run in one call in the calling thread.
+- dense layers (dense.py, matmul): blocks of the product's columns (or rows, when it is taller than wide), one
+  GEMM each, in one parallel region; small products run in one call in the calling thread.
 - ReLU (activation.py): one pass forward (max(x, 0)) and one backward (δ where y > 0), split over the
   threads for large arrays.
 - optimizer updates (optim.py): one fused pass per parameter, split over the threads for large parameters.
@@ -42,8 +44,9 @@ Adding a kernel:
 4. A GEMM inside a kernel is runtime.gemm(fn, ...), with fn = runtime.blas_gemm(dtype) passed in as an argument
    (numba's np.dot calls scipy's slower BLAS; a function pointer baked into the kernel would keep it out of the
    disk cache), and the kernel runs under runtime.single_blas(), so BLAS does not add its own threads to numba's.
-5. Parallel loops write disjoint outputs; reductions run in one fixed order (per-chunk partials summed in chunk
-   order) over parts cut by runtime.parts(), so the results are the same bits whatever threads run them.
+5. Parallel loops write disjoint outputs; reductions run in one fixed order (each part's partial accumulated in
+   its chunks' order, the partials summed in part order) over parts cut by runtime.parts(), so the results are
+   the same bits whatever threads run them.
 6. Inside a loop, index arrays with the loop variable of a range(n) over a slice (xs = x[lo:hi]; xs[i]), not
    with x[lo + i]: numba cannot prove lo + i is not negative, adds its wraparound check, and the loop stops
    vectorizing.

@@ -27,7 +27,8 @@ from cnnpipe.backends.numba.runtime import (
 from cnnpipe.shapes import out_size
 
 COL_CHUNK_BYTES = 256 << 10  # im2col bytes per batch chunk: a chunk's columns stay in L2 (docs/numba.md)
-KEEP_COL_BYTES = 64 << 20  # forward keeps a batch's columns up to this size for backward (else rebuilt)
+KEEP_COL_BYTES = 16 << 20  # forward keeps a batch's columns up to this size for backward; larger ones are rebuilt
+# from the padded input, which costs less than reading them back from memory (docs/numba.md)
 
 
 class ConvCache(NamedTuple):
@@ -152,27 +153,29 @@ def _conv_forward_chunks(xp, w2d, b, S, bounds, col_shape, kept, ywork, y3, fn):
 
 
 @njit(parallel=True, cache=True)
-def _conv_backward_chunks(dy3, xp, w2d, S, pad, bounds, col_shape, kept, need_dx, dx, dwork, parts, fn):
-    """Backward, one batch chunk per task: δ reordered to (F,nb,P) in dwork; rule 5 parts[i] = δ2d @ colᵀ;
-    rule 4 dx = col2im(W2dᵀ @ δ2d), the product in a chunk-sized temporary. Columns come from kept (forward's,
-    only read) or are rebuilt from xp."""
+def _conv_backward_chunks(dy3, xp, w2d, S, pad, bounds, groups, col_shape, kept, need_dx, dx, dwork, parts, fn):
+    """Backward, one group of consecutive batch chunks per task (groups[g]..groups[g+1]), chunk by chunk: δ
+    reordered to (F,nb,P) in dwork; rule 5 parts[g] = Σ over the group's chunks, in order, of δ2d @ colᵀ (the
+    GEMM accumulates); rule 4 dx = col2im(W2dᵀ @ δ2d), the product in a chunk-sized temporary. Columns come from
+    kept (forward's, only read) or are rebuilt from xp."""
     C, K, Ho, Wo = col_shape
     F = w2d.shape[0]
     P, CKK = Ho * Wo, C * K * K
-    for i in prange(len(bounds) - 1):
-        n0, nb = bounds[i], bounds[i + 1] - bounds[i]
-        dyT = dwork[n0 * F * P:(n0 + nb) * F * P].reshape((F, nb, P))   # δ as F, nb, P
-        _delta_to_fnp(dy3, n0, dyT)
-        dyT2d = dyT.reshape((F, nb * P))
-        col = _chunk_cols(kept, n0, nb, col_shape)
-        if not kept.size:                                         # not kept: rebuilt from xp
-            _im2col(xp, n0, S, col)
-        col2d = col.reshape((CKK, nb * P))
-        gemm(fn, dyT2d, False, col2d, True, parts[i])             # F, C*K*K
-        if need_dx:
-            dcol = np.empty((CKK, nb * P), dx.dtype)              # C*K*K, nb*P
-            gemm(fn, w2d, True, dyT2d, False, dcol)
-            _col2im(dcol.reshape((C, K, K, nb, Ho, Wo)), n0, S, pad, dx)
+    for g in prange(len(groups) - 1):
+        for i in range(groups[g], groups[g + 1]):
+            n0, nb = bounds[i], bounds[i + 1] - bounds[i]
+            dyT = dwork[n0 * F * P:(n0 + nb) * F * P].reshape((F, nb, P))   # δ as F, nb, P
+            _delta_to_fnp(dy3, n0, dyT)
+            dyT2d = dyT.reshape((F, nb * P))
+            col = _chunk_cols(kept, n0, nb, col_shape)
+            if not kept.size:                                         # not kept: rebuilt from xp
+                _im2col(xp, n0, S, col)
+            col2d = col.reshape((CKK, nb * P))
+            gemm(fn, dyT2d, False, col2d, True, parts[g], i > groups[g])   # F, C*K*K
+            if need_dx:
+                dcol = np.empty((CKK, nb * P), dx.dtype)              # C*K*K, nb*P
+                gemm(fn, w2d, True, dyT2d, False, dcol)
+                _col2im(dcol.reshape((C, K, K, nb, Ho, Wo)), n0, S, pad, dx)
 
 
 @njit(parallel=True, cache=True)
@@ -277,16 +280,19 @@ def conv2d_backward(dy: np.ndarray, cache: ConvCache,
         return dx, dw, db
     xp = _padded(x, pad) if kept is None else NO_4D[dt.str]   # xp N,C,Hp,Wp
     bounds = _chunks(N, CKK * P * dt.itemsize) if kept is None else cache.bounds   # kept: laid out by these
-    parts = np.empty((len(bounds) - 1, F, CKK), dt)     # rule 5 partials, one per chunk
+    chunks = len(bounds) - 1
+    G = min(parts(), chunks)                             # the run's thread budget: the same bits for any threads
+    groups = np.array([g * chunks // G for g in range(G + 1)], np.int64)
+    partial = np.empty((G, F, CKK), dt)                  # rule 5 partials, one per group of chunks
     with single_blas():
-        _conv_backward_chunks(dy3, xp, w.reshape(F, CKK), S, pad, bounds, (C, K, Ho, Wo),
+        _conv_backward_chunks(dy3, xp, w.reshape(F, CKK), S, pad, bounds, groups, (C, K, Ho, Wo),
                               NO_COLS[dt.str] if kept is None else kept, need_dx,
-                              dx if need_dx else NO_4D[dt.str], scratch("dyT", (N * F * P,), dt), parts,
+                              dx if need_dx else NO_4D[dt.str], scratch("dyT", (N * F * P,), dt), partial,
                               blas_gemm(dt))
     if kept is not None:
         give_back(cache.cols)                            # the lease ends: a later backward rebuilds the columns
-    dw2d = parts[0]
-    for part in parts[1:]:                               # fixed order: deterministic
+    dw2d = partial[0]
+    for part in partial[1:]:                             # fixed order: deterministic
         dw2d += part
     return dx, dw2d.reshape(F, C, K, K), db
 

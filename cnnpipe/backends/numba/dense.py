@@ -1,4 +1,5 @@
-"""The dense layers' product: row blocks of `a @ b` split over numba's threads, each one single-threaded GEMM."""
+"""The dense layers' product: blocks of `a @ b` (columns or rows) split over numba's threads, each one
+single-threaded GEMM."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,12 +18,24 @@ def _matmul_rows(a, b, trans_b, bounds, out, fn):
         gemm(fn, a[r0:r1], False, b, trans_b, out[r0:r1])
 
 
+@njit(parallel=True, cache=True)
+def _matmul_cols(a, b, trans_b, bounds, out, fn):
+    """out[:, c0:c1] = a @ op(b)[:, c0:c1] for each column block: each task reads its own part of b."""
+    for i in prange(len(bounds) - 1):
+        c0, c1 = bounds[i], bounds[i + 1]
+        if trans_b:
+            gemm(fn, a, False, b[c0:c1], True, out[:, c0:c1])
+        else:
+            gemm(fn, a, False, b[:, c0:c1], False, out[:, c0:c1])
+
+
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a @ b for the dense layers (forward x Wᵀ, backward δᵀx and δW): the rows of `a` cut into one block per
-    thread of the run's budget (runtime.parts), each block one single-threaded sgemm on numba's threads. Letting
-    OpenBLAS thread these itself would leave its workers spinning (OPENBLAS_THREAD_TIMEOUT) on the cores that the
-    next numba parallel region needs; the blocks do not depend on the threads running now, so neither do the
-    bits of the result."""
+    """a @ b for the dense layers (forward x Wᵀ, backward δᵀx and δW), cut into one block per thread of the run's
+    budget (runtime.parts), each block one single-threaded sgemm on numba's threads: blocks of output columns
+    when the output is wider than tall (each task then reads only its part of a large weight matrix, forward
+    x Wᵀ and backward δW), else blocks of rows. Letting OpenBLAS thread these itself would leave its workers
+    spinning (OPENBLAS_THREAD_TIMEOUT) on the cores that the next numba parallel region needs; the blocks do not
+    depend on the threads running now, so neither do the bits of the result."""
     M, K = a.shape                                       # a M,K (any strides, e.g. δᵀ)
     N = b.shape[1]                                       # b K,N
     out = np.empty((M, N), np.result_type(a, b))         # M,N (fresh)
@@ -34,18 +47,20 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = np.ascontiguousarray(a)                          # e.g. δᵀ: the row blocks must be contiguous
     trans_b = not b.flags.c_contiguous and b.flags.f_contiguous
     b = b.T if trans_b else np.ascontiguousarray(b)      # e.g. Wᵀ: passed as W, transposed by the GEMM
-    T = min(parts(), M)
+    split, size = (_matmul_cols, N) if N > M else (_matmul_rows, M)
+    T = min(parts(), size)
     with single_blas():
-        _matmul_rows(a, b, trans_b, np.array([r * M // T for r in range(T + 1)], np.int64), out, blas_gemm(out.dtype))
+        split(a, b, trans_b, np.array([r * size // T for r in range(T + 1)], np.int64), out, blas_gemm(out.dtype))
     return out
 
 
 def _warm(dtype: np.dtype) -> None:
-    """The split product, with b = W and with b = Wᵀ (W passed, transposed by the GEMM)."""
+    """Both splits, with b = W and with b = Wᵀ (W passed, transposed by the GEMM)."""
     a, bounds = np.ones((4, 3), dtype), np.array([0, 2, 4], np.int64)
     for bm, trans_b in ((np.ones((3, 5), dtype), False), (np.ones((5, 3), dtype), True)):
         with single_blas():
-            _matmul_rows(a, bm, trans_b, bounds, np.empty((4, 5), dtype), blas_gemm(dtype))
+            for split in (_matmul_rows, _matmul_cols):
+                split(a, bm, trans_b, bounds, np.empty((4, 5), dtype), blas_gemm(dtype))
 
 
-register(__name__, (_matmul_rows,), _warm)
+register(__name__, (_matmul_rows, _matmul_cols), _warm)

@@ -147,16 +147,24 @@ def blas_gemm(dtype) -> ctypes._CFuncPtr:
 
 
 @njit(nogil=True, cache=True)
-def gemm(fn, a, trans_a, b, trans_b, out):
-    """out = op(a) @ op(b) through fn (blas_gemm), op(m) = mᵀ when its flag is set; a, b and out C-contiguous
-    2-D arrays (a transposed operand is passed untransposed, with its flag)."""
+def _ld(m):
+    """The leading dimension (row stride in elements) of a 2-D array whose rows are contiguous: a C-contiguous
+    array or a block of its columns. A single row's stride is arbitrary in numpy: its width then."""
+    return m.strides[0] // m.itemsize if m.shape[0] > 1 else max(m.shape[1], 1)
+
+
+@njit(nogil=True, cache=True)
+def gemm(fn, a, trans_a, b, trans_b, out, accumulate=False):
+    """out = op(a) @ op(b) (out += ... when accumulate) through fn (blas_gemm), op(m) = mᵀ when its flag is set;
+    a, b and out 2-D arrays with contiguous rows (C-contiguous, or a block of columns of one; a transposed operand
+    is passed untransposed, with its flag)."""
     M, N = out.shape
     K = a.shape[0] if trans_a else a.shape[1]
     fn(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS, M, N, K, 1.0,
-       a.ctypes.data, a.shape[1], b.ctypes.data, b.shape[1], 0.0, out.ctypes.data, N)
+       a.ctypes.data, _ld(a), b.ctypes.data, _ld(b), 1.0 if accumulate else 0.0, out.ctypes.data, _ld(out))
 
 
-register(__name__, (), lambda dtype: None, inner=(gemm,))    # compiled with the conv and dense kernels that call it
+register(__name__, (), lambda dtype: None, inner=(gemm, _ld))    # compiled with the conv and dense kernels that call it
 
 
 # ----------------------------------------------------------------------------------------------------
