@@ -159,15 +159,13 @@ def curve_image(result) -> np.ndarray:
 
 def write_tensorboard(run_dir: Path, result, image) -> None:
     """lr_find/loss, lr_find/smoothed_loss and lr_find/lr against the step; the curve as an image; the suggestion."""
-    from torch.utils.tensorboard import SummaryWriter
-    w = SummaryWriter(log_dir=str(run_dir))
+    from cnnpipe.events import EventWriter
+    w = EventWriter(run_dir)
     try:
         for step, (lr, loss, smoothed) in enumerate(zip(result["lr"], result["loss"], result["smoothed_loss"]), 1):
-            w.add_scalar("lr_find/loss", loss, step)
-            w.add_scalar("lr_find/smoothed_loss", smoothed, step)
-            w.add_scalar("lr_find/lr", lr, step)
-        w.add_image("lr_find/curve", image, result["steps"], dataformats="HWC")
-        w.add_text("lr_find/suggestion", format_suggestion(result) + "\n\n" + CAVEAT, result["steps"])
+            w.scalars({"lr_find/loss": loss, "lr_find/smoothed_loss": smoothed, "lr_find/lr": lr}, step)
+        w.image("lr_find/curve", image, result["steps"])
+        w.text("lr_find/suggestion", format_suggestion(result) + "\n\n" + CAVEAT, result["steps"])
     finally:
         w.close()
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import threading
 import time
 
 import numpy as np
@@ -61,11 +60,6 @@ def _timed(hook):
 
 
 # -- the callback -------------------------------------------------------------------------------------------------
-def _import_writer():
-    """torch.utils.tensorboard's import (most of opening the event file), off the main thread."""
-    import torch.utils.tensorboard  # noqa: F401
-
-
 def _norm(a):
     a = np.asarray(a).ravel()
     return float(math.sqrt(float(np.dot(a, a))))
@@ -111,8 +105,6 @@ class TensorBoardLogger(Callback):
         self.scalar_every, self.image_every = int(self.cfg.scalar_every), int(self.cfg.image_every)
         self.histogram_every, self.max_steps = int(self.cfg.histogram_every), tr.cfg.trainer.max_steps
         self.confusion = bool(self.cfg.confusion_every_epoch)
-        self.importing = threading.Thread(target=_import_writer, daemon=True)   # overlaps data loading
-        self.importing.start()
         self.writer, self.closed = None, False
         self.snapshot = None                      # parameters before the optimizer step (update ratio)
         self.pending = {}                         # scalars computed in on_after_backward, written in on_step_end
@@ -135,17 +127,13 @@ class TensorBoardLogger(Callback):
     # -- writer ------------------------------------------------------------------------------------------------
     @property
     def w(self):
-        """The SummaryWriter, made on first use: a resumed run's step is known by then, and events at or after
-        it from the interrupted attempt are purged (TensorBoard hides them)."""
+        """The event writer (cnnpipe.events), made on first use: a resumed run's step is known by then, and events
+        at or after it from the interrupted attempt are purged (TensorBoard hides them)."""
         if self.writer is None and not self.closed:
             t0 = time.perf_counter()
-            self.importing.join()
-            from torch.utils.tensorboard import SummaryWriter
-            from torch.utils.tensorboard.summary import hparams
-            self.writer = SummaryWriter(log_dir=str(self.tr.run_dir), purge_step=self.tr.step or None)
-            exp, ssi, self.sei = hparams(run_hparams(self.tr.cfg), {t: 0.0 for t in self.metric_tags})
-            self.writer.file_writer.add_summary(exp, self.tr.step)
-            self.writer.file_writer.add_summary(ssi, self.tr.step)
+            from cnnpipe.events import EventWriter
+            self.writer = EventWriter(self.tr.run_dir, purge_step=self.tr.step or None)
+            self.writer.hparams(run_hparams(self.tr.cfg), self.metric_tags, self.tr.step)
             self.open_seconds = time.perf_counter() - t0
         return self.writer
 
@@ -186,10 +174,10 @@ class TensorBoardLogger(Callback):
         if self.histogram_every and step % self.histogram_every == 0:
             for layer in tr.model.layers:
                 for k in layer.params:
-                    self.w.add_histogram(f"weights/{layer.name}.{k}", layer.params[k], step)
-                    self.w.add_histogram(f"grads/{layer.name}.{k}", layer.grads[k], step)
+                    self.w.histogram(f"weights/{layer.name}.{k}", layer.params[k], step)
+                    self.w.histogram(f"grads/{layer.name}.{k}", layer.grads[k], step)
                 if layer.has_delta_map and layer.delta is not None:
-                    self.w.add_histogram(f"deltas/{layer.name}", layer.delta, step)
+                    self.w.histogram(f"deltas/{layer.name}", layer.delta, step)
 
     @_timed
     def on_step_end(self, tr, step, result, lr, seconds):
@@ -203,15 +191,14 @@ class TensorBoardLogger(Callback):
             self._images(tr, step)
 
     def _train_scalars(self, tr, lr, step):
-        w, t = self.w, self.window
+        t, out = self.window, {}
         if t.seen:
-            w.add_scalar("train/loss", t.loss_sum / t.seen, step)
-            w.add_scalar("train/accuracy", t.correct / t.seen, step)
-        w.add_scalar("train/lr", lr, step)
+            out["train/loss"], out["train/accuracy"] = t.loss_sum / t.seen, t.correct / t.seen
+        out["train/lr"] = lr
         if tr.clip is not None and self.window_steps:
-            w.add_scalar("train/clip_fraction", self.window_clipped / self.window_steps, step)
+            out["train/clip_fraction"] = self.window_clipped / self.window_steps
         if t.seconds > 0:
-            w.add_scalar("train/samples_per_second", t.seen / t.seconds, step)
+            out["train/samples_per_second"] = t.seen / t.seconds
         if self.snapshot is not None:
             for layer in tr.model.layers:
                 if layer.name not in self.snapshot:
@@ -220,11 +207,10 @@ class TensorBoardLogger(Callback):
                 num = sum(_norm(layer.params[k] - old[k]) ** 2 for k in old)     # ‖Δθ‖² across the step
                 den = sum(_norm(old[k]) ** 2 for k in old)
                 if den > 0:
-                    w.add_scalar(f"update_ratio/{layer.name}", math.sqrt(num / den), step)
+                    out[f"update_ratio/{layer.name}"] = math.sqrt(num / den)
                 for k, v in layer.params.items():
-                    w.add_scalar(f"weight_norm/{layer.name}.{k}", _norm(v), step)
-        for tag, v in self.pending.items():
-            w.add_scalar(tag, v, step)
+                    out[f"weight_norm/{layer.name}.{k}"] = _norm(v)
+        self.w.scalars({**out, **self.pending}, step)
         self.pending, self.snapshot, self.window = {}, None, EpochTotals()
         self.window_steps = self.window_clipped = 0
 
@@ -232,14 +218,13 @@ class TensorBoardLogger(Callback):
     def on_epoch_end(self, tr, metrics):
         w = self.w
         if metrics.get("val_loss") is not None:
-            w.add_scalar("val/loss", metrics["val_loss"], tr.step)
-            w.add_scalar("val/accuracy", metrics["val_acc"], tr.step)
+            w.scalars({"val/loss": metrics["val_loss"], "val/accuracy": metrics["val_acc"]}, tr.step)
         if self.confusion:                      # from predictions the trainer made anyway: no extra pass
             if tr.data.val is not None:
                 name, cm = "val", confusion_matrix(tr.data.val.y, tr.val_preds, len(tr.data.classes))
             else:
                 name, cm = "train", self.train_confusion
-            w.add_image(f"confusion/{name}", confusion_image(cm, tr.data.classes), tr.step, dataformats="HWC")
+            w.image(f"confusion/{name}", confusion_image(cm, tr.data.classes), tr.step)
             self.train_confusion = np.zeros_like(self.train_confusion)
         w.flush()
 
@@ -260,23 +245,20 @@ class TensorBoardLogger(Callback):
         w = self.w
         if self.last_image_step != tr.step and len(self.probe_y):
             self._images(tr, tr.step)                                # every run shows its final state
-        w.add_scalar("test/loss", metrics["test_loss"], tr.step)
-        w.add_scalar("test/accuracy", metrics["test_acc"], tr.step)
+        w.scalars({"test/loss": metrics["test_loss"], "test/accuracy": metrics["test_acc"]}, tr.step)
         if self.confusion and tr.test_preds is not None and len(tr.test_preds):
             cm = confusion_matrix(tr.data.test.y, tr.test_preds, len(tr.data.classes))
-            w.add_image("confusion/test", confusion_image(cm, tr.data.classes), tr.step, dataformats="HWC")
-        for tag in self.metric_tags:
-            v = metrics.get(tag.split("/", 1)[1])
-            if v is not None and math.isfinite(v):
-                w.add_scalar(tag, float(v), tr.step)
-        w.file_writer.add_summary(self.sei, tr.step)
+            w.image("confusion/test", confusion_image(cm, tr.data.classes), tr.step)
+        final = {tag: metrics.get(tag.split("/", 1)[1]) for tag in self.metric_tags}
+        w.scalars({tag: v for tag, v in final.items() if v is not None and math.isfinite(v)}, tr.step)
+        w.hparams_end(tr.step)
         self.close()
 
     def _early_stop(self, tr):
         """Written at the end, not when the stop came: a resumed stopped run purges events from its step on."""
         if tr.stopped_early:
-            self.w.add_scalar("train/stopped_early", 1.0, tr.step)
-            self.w.add_text("train/stopped_early", tr.stopped_early, tr.step)   # torch adds /text_summary
+            self.w.scalars({"train/stopped_early": 1.0}, tr.step)
+            self.w.text("train/stopped_early", tr.stopped_early, tr.step)      # as train/stopped_early/text_summary
 
     def on_interrupt(self, tr):
         self.close()
@@ -307,10 +289,10 @@ class TensorBoardLogger(Callback):
         self.last_image_step = step
         w = self.w
         loss, x, outs, deltas = self.probe(tr)
-        w.add_scalar("probe/loss", loss, step)
+        w.scalars({"probe/loss": loss}, step)
         u8 = self.probe_u8.transpose(0, 2, 3, 1)                                     # N,H,W,C
         u8 = np.repeat(u8, 3, axis=3) if u8.shape[3] == 1 else u8[..., :3]
-        w.add_images("input/probe", np.stack([grid(im[None, None]) for im in u8]), step, dataformats="NHWC")
+        w.images("input/probe", np.stack([grid(im[None, None]) for im in u8]), step)
         layers = tr.model.layers
         for i, layer in enumerate(layers):
             if not isinstance(layer, Conv2d):
@@ -318,10 +300,9 @@ class TensorBoardLogger(Callback):
             act_i = i + 1 if i + 1 < len(layers) and layers[i + 1].kind in ACTIVATIONS else i
             if deltas[i] is not None:                                             # N,F,Ho,Wo
                 maps = np.stack([grid(colorize(dm, DELTA_GAMMA)) for dm in deltas[i]])   # N,H',W',3
-                w.add_images(f"delta/{layer.name}", maps, step, dataformats="NHWC")
-            w.add_images(f"activation/{layer.name}", np.stack([grid(colorize(am)) for am in outs[act_i]]), step,
-                         dataformats="NHWC")
+                w.images(f"delta/{layer.name}", maps, step)
+            w.images(f"activation/{layer.name}", np.stack([grid(colorize(am)) for am in outs[act_i]]), step)
             W = layer.params["W"][:64, :32]                                        # F,C,K,K (at most 64×32 tiles)
             tiles = diverging(W, float(np.abs(W).max()))                           # F,C,K,K,3
             img = grid(tiles[:, 0], px=48) if W.shape[1] == 1 else grid(tiles, px=40)   # one channel: square grid
-            w.add_image(f"filters/{layer.name}", img, step, dataformats="HWC")
+            w.image(f"filters/{layer.name}", img, step)
