@@ -64,6 +64,7 @@ class DataConf:
     download: bool = True
     mirror: Optional[str] = None
     verify: bool = True                 # false: files in data.root and data.mirror load without md5 check
+    cache: bool = True                  # keep torchvision's arrays beside the files for the next run (data/cache.py)
     val_size: int = 5000
     limit_train: Optional[int] = None
     limit_test: Optional[int] = None

@@ -18,7 +18,7 @@ from cnnpipe.backends import get_backend, set_threads
 from cnnpipe.backends.cores import given_cores
 from cnnpipe.callbacks import Callback
 from cnnpipe.checkpoint import load_checkpoint, section
-from cnnpipe.data import Split, batches, load_data, num_batches, preload_torchvision
+from cnnpipe.data import Split, batches, load_data, needs_torchvision, num_batches, preload_torchvision
 from cnnpipe.early_stop import EarlyStoppingState, check_early_stopping
 from cnnpipe.evaluate import evaluate_split
 from cnnpipe.jsonio import write_json_atomic
@@ -55,7 +55,8 @@ class Trainer:
         log.info("model %s (%s backend, %s, %d threads: %s)\n%s", cfg.model.name, cfg.backend.name, cfg.dtype,
                  self.threads, threads_source, self.model.summary())
         if hasattr(self.backend, "warmup"):
-            preload_torchvision()                            # torch's import overlaps the numba warm-up
+            if needs_torchvision(cfg.data):
+                preload_torchvision()                        # torch's import overlaps the numba warm-up
             self.backend.warmup(self.dtype)
             log.info("numba threading layer %s, %d threads", self.backend.numba.threading_layer(),
                      self.backend.numba.get_num_threads())

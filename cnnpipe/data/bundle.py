@@ -13,7 +13,8 @@ import numpy as np
 
 from cnnpipe import ConfigError
 from cnnpipe.config import DataConf
-from cnnpipe.data.sources import CIFAR, dataset_class, open_splits
+from cnnpipe.data import cache
+from cnnpipe.data.sources import CIFAR, DATASETS, check_name, dataset_class, open_splits, warn_unchecked
 
 log = logging.getLogger(__name__)
 CARVE = 1                                           # spawn key of the validation carve's random stream
@@ -71,12 +72,8 @@ def _count(key, value, minimum, optional=False):
 def load_data(cfg: Mapping[str, Any] | DataConf, seed: int) -> DataBundle:
     """Load data.name as in-memory uint8 splits, carve the validation split, compute the normalization."""
     name = _opt(cfg, "name")
-    cls = dataset_class(name)
-    root = os.path.expanduser(str(_opt(cfg, "root")))
-    with contextlib.suppress(Exception):  # relative to where the user started, not Hydra's run directory
-        from hydra.utils import to_absolute_path
-        root = to_absolute_path(root)
-    root = os.path.abspath(root)
+    check_name(name)
+    root = _root(cfg)
     mirror = _opt(cfg, "mirror")
     mirror = os.path.abspath(os.path.expanduser(str(mirror))) if mirror else None
     val_size = _count("val_size", _opt(cfg, "val_size"), 0)
@@ -90,13 +87,12 @@ def load_data(cfg: Mapping[str, Any] | DataConf, seed: int) -> DataBundle:
         augment = False
 
     verify = bool(_opt(cfg, "verify"))
-    train_ds, test_ds, source = open_splits(name, cls, root, mirror, bool(_opt(cfg, "download")), verify)
-    train, test = _to_split(train_ds), _to_split(test_ds)
-    classes = [str(c) for c in test_ds.classes]
+    train, test, classes, source = _splits(name, root, mirror, bool(_opt(cfg, "download")), verify,
+                                           bool(_opt(cfg, "cache")))
     for split, what in ((train, "train"), (test, "test")):
         if len(split) and (split.y.min() < 0 or split.y.max() >= len(classes)):
             raise ConfigError(f"The {what} labels of {name} (from {source}) are outside 0..{len(classes) - 1}: the "
-                              f"files are not {cls.__name__}. Delete them and load again.")
+                              f"files are not {DATASETS[name]}. Delete them and load again.")
 
     # validation carve: a seeded permutation; val takes the first val_size, train the rest (then limit_train)
     n = len(train)
@@ -117,6 +113,44 @@ def load_data(cfg: Mapping[str, Any] | DataConf, seed: int) -> DataBundle:
              np.round(mean, 4).tolist(), np.round(std, 4).tolist(), source)
     return DataBundle(name=name, train=train, val=val, test=test, classes=classes, mean=mean, std=std,
                       source=source, augment=augment, crop_padding=crop_padding)
+
+
+def _root(cfg) -> str:
+    """data.root as an absolute path, relative to where the user started (not Hydra's run directory)."""
+    root = os.path.expanduser(str(_opt(cfg, "root")))
+    with contextlib.suppress(Exception):
+        from hydra.utils import to_absolute_path
+        root = to_absolute_path(root)
+    return os.path.abspath(root)
+
+
+def needs_torchvision(cfg) -> bool:
+    """Whether load_data(cfg) will import torchvision: False when it will read the data cache."""
+    name, verify = _opt(cfg, "name"), bool(_opt(cfg, "verify"))
+    if name not in DATASETS or not _opt(cfg, "cache"):
+        return True
+    where = cache.cache_path(name, _root(cfg), verify)
+    return where is None or not where.is_file()
+
+
+def _splits(name, root, mirror, download, verify, use_cache) -> tuple[Split, Split, list[str], str]:
+    """(train, test, classes, source): the cached arrays when data.root's files are the ones they came from, else
+    through torchvision (which finds or fetches the files: sources.open_splits), cached for the next run."""
+    where = cache.cache_path(name, root, verify) if use_cache else None
+    got = cache.read(where)
+    if got is not None:
+        if not verify and name in CIFAR:
+            warn_unchecked(name, os.path.join(root, cache.FOLDERS[name]))
+        source = f"{os.path.join(root, cache.FOLDERS[name])} (arrays cached in {where.parent})"
+        return (Split(got["train_x"], got["train_y"]), Split(got["test_x"], got["test_y"]),
+                [str(c) for c in got["classes"]], source)
+    train_ds, test_ds, source = open_splits(name, dataset_class(name), root, mirror, download, verify)
+    train, test = _to_split(train_ds), _to_split(test_ds)
+    classes = [str(c) for c in test_ds.classes]
+    if use_cache:                                     # the files are in data.root now, wherever they came from
+        cache.write(cache.cache_path(name, root, verify), {"train_x": train.x, "train_y": train.y, "test_x": test.x,
+                                                           "test_y": test.y, "classes": np.array(classes)})
+    return train, test, classes, source
 
 
 def _to_split(ds) -> Split:

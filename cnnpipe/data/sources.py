@@ -54,13 +54,23 @@ def preload_torchvision():
     return thread
 
 
-def dataset_class(name):
-    """The torchvision dataset class for data.name, or a ConfigError naming the accepted names."""
+def check_name(name):
+    """A ConfigError naming the accepted names when data.name is not one of them."""
     if name not in DATASETS:
         raise ConfigError(f"data.name={name!r} is not a dataset this pipeline knows. Choose one of "
                           f"{', '.join(DATASETS)} (e.g. `data=fashion_mnist` or `data.name=cifar10`).")
+
+
+def dataset_class(name):
+    """The torchvision dataset class for data.name, or a ConfigError naming the accepted names."""
+    check_name(name)
     import torchvision.datasets
     return getattr(torchvision.datasets, DATASETS[name])
+
+
+def warn_unchecked(name, where):
+    log.warning("data.verify=false: the %s files in %s were loaded without torchvision's md5 check; they may not be "
+                "the original %s", name, where, DATASETS[name])
 
 
 def open_splits(name, cls, root, mirror, download, verify=True):
@@ -71,8 +81,7 @@ def open_splits(name, cls, root, mirror, download, verify=True):
     got = _load(_without_md5(cls) if unchecked else cls, root)
     if not isinstance(got, str):
         if unchecked:
-            log.warning("data.verify=false: the %s files in %s were loaded without torchvision's md5 check; they "
-                        "may not be the original %s", name, where, cls.__name__)
+            warn_unchecked(name, where)
         return (*got, where)
     looked.append(f"{where} (data.root): {got}")
 
