@@ -200,10 +200,19 @@ def matmul(a, b):
 
 
 # ----------------------------------------------------------------------------- optimizer updates
+# The momentum and Adam buffers are flushed to zero below the smallest normal float: a buffer that decays
+# geometrically (every weight of a unit whose gradient stays 0) would otherwise spend hundreds of steps in
+# subnormal numbers, each operation on which costs an x86 core ~100 cycles (docs/numba.md).
+
+def flush_subnormal(a):
+    """a with every entry whose magnitude is below the dtype's smallest normal number set to 0 (in place)."""
+    np.copyto(a, 0, where=np.abs(a) < np.finfo(a.dtype).tiny)
+
 
 def sgd_update(p, g, v, lr, momentum=0.0, nesterov=False, weight_decay=0.0, first=False):
-    """PyTorch's SGD step on p in place: g' = g + wd·p; v = g' on the first step, else momentum·v + g';
-    p -= lr·(g' + momentum·v if nesterov else v). v is None without momentum (then p -= lr·g')."""
+    """PyTorch's SGD step on p in place: g' = g + wd·p; v = g' on the first step, else momentum·v + g' (flushed
+    below the smallest normal); p -= lr·(g' + momentum·v if nesterov else v). v is None without momentum (then
+    p -= lr·g')."""
     T = p.dtype.type
     if weight_decay:
         g = g + T(weight_decay) * p
@@ -213,20 +222,23 @@ def sgd_update(p, g, v, lr, momentum=0.0, nesterov=False, weight_decay=0.0, firs
         else:
             v *= T(momentum)
             v += g
+            flush_subnormal(v)
         g = g + T(momentum) * v if nesterov else v
     p -= T(lr) * g
 
 
 def adam_update(p, g, m, v, lr, b1, b2, eps, weight_decay, t):
     """PyTorch's Adam step t (1-based) on p, m, v in place: g' = g + wd·p; m = b1·m + (1-b1)·g';
-    v = b2·v + (1-b2)·g'²; p -= lr/(1-b1ᵗ) · m / (√v/√(1-b2ᵗ) + eps)."""
+    v = b2·v + (1-b2)·g'² (both flushed below the smallest normal); p -= lr/(1-b1ᵗ) · m / (√v/√(1-b2ᵗ) + eps)."""
     T = p.dtype.type
     if weight_decay:
         g = g + T(weight_decay) * p
     m *= T(b1)
     m += T(1 - b1) * g
+    flush_subnormal(m)
     v *= T(b2)
     v += T(1 - b2) * (g * g)
+    flush_subnormal(v)
     bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
     denom = np.sqrt(v) / T(np.sqrt(bc2)) + T(eps)
     p -= T(lr / bc1) * (m / denom)
