@@ -99,3 +99,15 @@ def test_markdown_and_readme(bench):
     assert readme.startswith("# title\n\n<!-- bench:start -->\n### Results")
     assert readme.endswith("<!-- bench:end -->\n\n## next section\n") and "old table" not in readme
     assert "| lenet5, max pool | PyTorch peer |" in readme and "python scripts/torch_peer.py" in readme
+
+
+def test_an_experiment_is_compared_by_its_own_time_per_sample_over_the_sgd_convnets():
+    """A slower experiment gives a ratio above 1 in every round (the report checks it against ≤ 1 + the target)."""
+    from cnnpipe.bench.headline import experiment_vs_sgd
+
+    def summary(*samples_per_second):
+        return {"rows": {"numba": {"runs": [{"round": k, "samples_per_second": s}
+                                            for k, s in enumerate(samples_per_second)]}}}
+    by_key = {"convnet/max": summary(2000.0, 1800.0), "fashion_convnet": summary(1000.0, 1200.0)}
+    assert experiment_vs_sgd(by_key, ["fashion_convnet", "absent"]) == {"fashion_convnet": [2.0, 1.5]}
+    assert experiment_vs_sgd({"fashion_convnet": by_key["fashion_convnet"]}, ["fashion_convnet"]) == {}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cnnpipe.bench import report
 from cnnpipe.bench.cifar import write_cifar10
-from cnnpipe.bench.headline import PEER, Config, paired_ratio, run_rounds
+from cnnpipe.bench.headline import PEER, Config, experiment_vs_sgd, run_rounds
 from cnnpipe.bench.machine import load_avg, machine_info
 from cnnpipe.bench.runs import harness, user_run
 from cnnpipe.jsonio import write_json_atomic, write_text_atomic
@@ -100,10 +100,9 @@ def main(argv=None) -> int:
             configs = fashion_configs(a, base)
             rep["fashion"] = run_rounds(quick(configs, a.quick_steps) if a.quick else configs, rounds, work,
                                         a.bare_budget, cap, say)
-            by_key = {s["key"]: s for s in rep["fashion"]}
-            if "convnet/max" in by_key:
-                rep["experiment_vs_sgd"] = {e: paired_ratio(by_key["convnet/max"], by_key[e], "numba")
-                                            for e in a.experiments if e in by_key}
+            ratios = experiment_vs_sgd({s["key"]: s for s in rep["fashion"]}, a.experiments)
+            if ratios:
+                rep["experiment_vs_sgd"] = ratios
         if "cifar" in sections:
             root = write_cifar10(work / "cifar10", *a.cifar_size)
             configs = cifar_configs(a, ["data=cifar10", f"data.root={root}", "data.verify=false", *a.override])

@@ -91,3 +91,10 @@ def paired_ratio(a: dict, b: dict, backend: str) -> list[float]:
     ra = {r["round"]: r for r in a["rows"].get(backend, {}).get("runs", []) if "error" not in r}
     rb = {r["round"]: r for r in b["rows"].get(backend, {}).get("runs", []) if "error" not in r}
     return [rb[k]["samples_per_second"] / ra[k]["samples_per_second"] for k in sorted(ra.keys() & rb.keys())]
+
+
+def experiment_vs_sgd(by_key: dict[str, dict], experiments: list[str]) -> dict[str, list[float]]:
+    """Per experiment row run beside the SGD convnet: its numba time per sample ÷ the SGD convnet's, per round."""
+    if "convnet/max" not in by_key:
+        return {}
+    return {e: paired_ratio(by_key[e], by_key["convnet/max"], "numba") for e in experiments if e in by_key}
