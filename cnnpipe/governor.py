@@ -1,10 +1,13 @@
 """The thread governor: a numba run's threads follow the cores that are free in fact, not only the ones it was given.
 
 Two threads on two cores finish a parallel region only when both have run; while another process holds one core,
-every region waits for a time slice there and a step takes 2-3× longer than with one thread on the free core. The
-governor times a window of steps with each thread count (the run's budget, and 1), keeps the faster, and checks
-again later (sooner when steps slow down). The numba kernels cut their work by the run's budget, not by the
-threads running now, so the results are the same bits whatever the governor chooses.
+every region waits for a time slice there and a step takes several times longer than with one thread on the free
+core. The governor's first trial times a window of steps with each thread count (1, then the run's budget) and
+keeps the faster; later trials (more and more seldom while the choice holds, sooner when steps slow down) time only
+the other count against the chosen one's latest steps. A count that is clearly slower than the best one timed so far
+is dropped after a couple of steps, so that checking whether the cores are free again costs little while they are
+not. The numba kernels cut their work by
+the run's budget, not by the threads running now, so the results are the same bits whatever the governor chooses.
 """
 from __future__ import annotations
 
@@ -16,20 +19,25 @@ from cnnpipe.callbacks import Callback
 
 log = logging.getLogger("cnnpipe")
 
-FIRST_TRIAL = 20            # steps before the first trial: kernels loaded, buffers allocated
+FIRST_TRIAL = 3             # steps before the first trial (the first ones allocate buffers): few, since beside a
+                            # busy core every step before it runs with both threads
 WINDOW = 12                 # steps timed with each thread count (the median counts: hook-heavy steps stand out)
-SETTLE = 2                  # steps after a change that are not timed
+SETTLE = 1                  # steps after a change that are not timed
 RECHECK = (200, 3200)       # steps between trials: the first, and the most while the choice holds (doubling)
-SLOWER = 1.5                # recent steps this much slower than the chosen count's trial median: check again
+SLOWER = 1.5                # recent steps this much slower than the chosen count's trial median: check again;
+                            # a probed count this much slower than the chosen one: stop probing it
+ABORT_AFTER = 2             # timed steps of a probe before it may stop early (beside a busy core, a step with both
+                            # threads can take 10-20 times one with one thread)
 
 
 class ThreadGovernor(Callback):
     def __init__(self, numba, budget: int):
         self.numba, self.budget = numba, budget
-        self.candidates = [budget, 1]
-        self.current = budget
+        self.candidates = [1, budget]           # the first trial times 1 first: it is never the disastrous one
+        self.current = self.chosen = budget     # the count running now; the one the last trial chose
         self.next_trial, self.interval = FIRST_TRIAL, RECHECK[0]
         self.trial: list[tuple[int, list[float]]] | None = None
+        self.reference = None                   # a later trial: the chosen count's median over its latest steps
         self.index = self.skip = 0
         self.expected = None                    # the chosen count's median step time in the last trial
         self.recent: deque[float] = deque(maxlen=WINDOW)
@@ -51,10 +59,12 @@ class ThreadGovernor(Callback):
             self._time_trial(tr, step, seconds)
             return
         self.recent.append(seconds)
-        slowed = (self.expected is not None and len(self.recent) == WINDOW
-                  and statistics.median(self.recent) > SLOWER * self.expected)
+        full = len(self.recent) == WINDOW
+        slowed = self.expected is not None and full and statistics.median(self.recent) > SLOWER * self.expected
         if step >= self.next_trial or slowed:
-            self.trial = [(n, []) for n in self.candidates]
+            self.reference = statistics.median(self.recent) if self.expected is not None and full else None
+            counts = [n for n in self.candidates if self.reference is None or n != self.chosen]
+            self.trial = [(n, []) for n in counts]
             self.index, self.skip = 0, SETTLE
             self._set(self.trial[0][0])
 
@@ -64,27 +74,32 @@ class ThreadGovernor(Callback):
             return
         threads, times = self.trial[self.index]
         times.append(seconds)
-        if len(times) < WINDOW:
+        timed = [statistics.median(t) for n, t in self.trial[:self.index]]   # counts already timed in this trial
+        best_so_far = min([self.reference] * (self.reference is not None) + timed, default=None)
+        clearly_slower = (best_so_far is not None and len(times) == ABORT_AFTER
+                          and statistics.median(times) > SLOWER * best_so_far)
+        if len(times) < WINDOW and not clearly_slower:
             return
         self.index += 1
-        if self.index < len(self.trial):
+        if self.index < len(self.trial) and not clearly_slower:
             self._set(self.trial[self.index][0])
             self.skip = SETTLE
             return
-        medians = {n: statistics.median(t) for n, t in self.trial}
+        medians = {n: statistics.median(t) for n, t in self.trial if t}
+        if self.reference is not None:
+            medians[self.chosen] = self.reference
         best = min(medians, key=medians.get)
-        before = self.changes[-1][1] if self.changes else self.budget
-        if best != before:
+        if best != self.chosen:
             self.changes.append((step, best))
             self.interval = RECHECK[0]
-            timing = ", ".join(f"{1e3 * medians[n]:.1f} ms with {n}" for n in medians)
-            log.info("threads %d -> %d at step %d: a step took %s (%s)", before, best, step, timing,
+            timing = ", ".join(f"{1e3 * medians[n]:.1f} ms with {n}" for n in sorted(medians, reverse=True))
+            log.info("threads %d -> %d at step %d: a step took %s (%s)", self.chosen, best, step, timing,
                      "another process is using the cores" if best < self.budget else "the cores are free again")
         else:
             self.interval = min(2 * self.interval, RECHECK[1])
         log.debug("thread trial at step %d: %s", step, {n: round(1e3 * t, 2) for n, t in medians.items()})
         self._set(best)
-        self.expected, self.trial = medians[best], None
+        self.chosen, self.expected, self.trial = best, medians[best], None
         self.recent.clear()
         self.next_trial = step + self.interval
 
