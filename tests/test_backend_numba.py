@@ -219,7 +219,7 @@ def _registered(inner=True):
     return [k for g in runtime.KERNELS.values() for k in (*g.kernels, *(g.inner if inner else ()))]
 
 
-def test_every_kernel_is_registered_and_compiled_with_cache_true():
+def test_every_kernel_is_registered_and_compiled_with_cache_true_and_numpys_error_model():
     from numba.core.caching import NullCache
     from numba.core.registry import CPUDispatcher
     modules = [importlib.import_module(f"{B.__name__}.{m.name}") for m in pkgutil.iter_modules(B.__path__)]
@@ -228,6 +228,17 @@ def test_every_kernel_is_registered_and_compiled_with_cache_true():
     assert set(kernels) == defined and len(kernels) == len(defined) >= 17    # each registered once
     for k in kernels:
         assert not isinstance(k._cache, NullCache), f"{k.__name__} is not @njit(cache=True)"
+        assert k.targetoptions.get("error_model") == "numpy", f"{k.__name__}: error_model='numpy' (package docstring)"
+
+
+def test_the_adam_update_is_vector_code():
+    """Python's error model checks every float division for 0, which keeps the update's loop scalar."""
+    import re
+    p, g, m, v = (np.ones(64, np.float32) for _ in range(4))
+    optim.adam_update(p, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
+    compiled = optim._adam_range.overloads[optim._adam_range.signatures[0]]
+    llvm = compiled.library.get_llvm_str()
+    assert re.search(r"fdiv <\d+ x float>", llvm), "the Adam update's division is not vectorized"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])

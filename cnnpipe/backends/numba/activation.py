@@ -12,7 +12,7 @@ RELU_SPLIT = 1 << 15  # arrays with fewer elements go through in one serial call
 # The loops index slices from 0: numba then knows no index is negative, and the loop vectorizes.
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def _relu_forward_serial(x, y):
     """y = max(x, 0) for flat arrays (a NaN stays NaN)."""
     for i in range(x.size):
@@ -20,14 +20,14 @@ def _relu_forward_serial(x, y):
         y[i] = v if not v <= 0 else 0
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def _relu_backward_serial(delta, y, dx):
     """Rule 7: dx = δ·h'(a) with h'(a) = [a > 0] = [y > 0], for flat arrays."""
     for i in range(delta.size):
         dx[i] = delta[i] if y[i] > 0 else 0
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _relu_forward(x, y, T):
     """_relu_forward_serial over T contiguous slices."""
     n = x.size
@@ -36,7 +36,7 @@ def _relu_forward(x, y, T):
         _relu_forward_serial(x[lo:hi], y[lo:hi])
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _relu_backward(delta, y, dx, T):
     """_relu_backward_serial over T contiguous slices."""
     n = delta.size

@@ -49,7 +49,7 @@ class ConvCache(NamedTuple):
 
 # The copy loops index slices from 0 (numba then knows no index is negative, and the loops vectorize).
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def _im2col(xp, n0, S, col):
     """col[c,kh,kw,j,ho,wo] = xp[n0+j, c, ho*S+kh, wo*S+kw], xp the zero-padded input; one (c, j) per task."""
     C, K, _, nb, Ho, Wo = col.shape           # col C,K,K,nb,Ho,Wo; xp N,C,Hp,Wp
@@ -72,7 +72,7 @@ def _im2col(xp, n0, S, col):
                             d[wo] = src[wo * S + kw]
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def _col2im(dcol, n0, S, pad, dx):
     """dx[n0+j] = dcol scattered back (+=) to the input positions it was copied from, then uncropped of
     the padding; one (j, c) plane per task, accumulated in a local padded plane (fixed order)."""
@@ -100,7 +100,7 @@ def _col2im(dcol, n0, S, pad, dx):
             out[h] = plane[h + pad, pad:pad + W]
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def _add_bias_to_nfp(y2d, b, n0, y):
     """y[n0+j, f, :] = y2d[f, j, :] + b[f]: bias add fused with the (F,nb,P) -> (N,F,P) reorder."""
     F, nb, P = y2d.shape                      # y2d F,nb,P
@@ -112,7 +112,7 @@ def _add_bias_to_nfp(y2d, b, n0, y):
             y[n0 + j, f, p] = y2d[f, j, p] + bf
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def _delta_to_fnp(dy, n0, dyT):
     """dyT[f, j, :] = dy[n0+j, f, :]: δ reordered (N,F,P) -> (F,nb,P) for the sgemms."""
     F, nb, P = dyT.shape                      # dyT F,nb,P
@@ -123,7 +123,7 @@ def _delta_to_fnp(dy, n0, dyT):
             dyT[f, j, p] = dy[n0 + j, f, p]
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def _chunk_cols(kept, n0, nb, col_shape):
     """Chunk (n0, nb)'s column array C,K,K,nb,Ho,Wo: its slice of kept (flat, sample-major) when kept is not
     empty, else a temporary (contents undefined; an empty kept still carries the dtype)."""
@@ -134,7 +134,7 @@ def _chunk_cols(kept, n0, nb, col_shape):
     return np.empty((C, K, K, nb, Ho, Wo), kept.dtype)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _conv_forward_chunks(xp, w2d, b, S, bounds, col_shape, kept, ywork, y3, fn):
     """Forward, one batch chunk per task: im2col -> one sgemm W2d @ col (fn: single-threaded BLAS inside
     this parallel region) -> bias add fused with the (F,nb,P) -> (N,F,P) reorder. Chunk i spans samples
@@ -152,7 +152,7 @@ def _conv_forward_chunks(xp, w2d, b, S, bounds, col_shape, kept, ywork, y3, fn):
         _add_bias_to_nfp(y2d.reshape((F, nb, P)), b, n0, y3)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _conv_backward_chunks(dy3, xp, w2d, S, pad, bounds, groups, col_shape, kept, need_dx, dx, dwork, parts, fn):
     """Backward, one group of consecutive batch chunks per task (groups[g]..groups[g+1]), chunk by chunk: δ
     reordered to (F,nb,P) in dwork; rule 5 parts[g] = Σ over the group's chunks, in order, of δ2d @ colᵀ (the
@@ -178,7 +178,7 @@ def _conv_backward_chunks(dy3, xp, w2d, S, pad, bounds, groups, col_shape, kept,
                 _col2im(dcol.reshape((C, K, K, nb, Ho, Wo)), n0, S, pad, dx)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _zeropad(x, pad, xp):
     """xp = x with `pad` zeros on all four sides."""
     N, C, H, W = x.shape                      # x N,C,H,W; xp N,C,Hp,Wp

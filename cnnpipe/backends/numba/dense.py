@@ -10,7 +10,7 @@ from cnnpipe.backends.numba.runtime import blas_gemm, gemm, parts, register, sin
 MATMUL_SPLIT_FLOPS = 2e7  # below this a product runs in one call in the calling thread (docs/numba.md)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _matmul_rows(a, b, trans_b, bounds, out, fn):
     """out[r0:r1] = a[r0:r1] @ op(b) for each row block (one GEMM per task; op(b) = bᵀ when trans_b)."""
     for i in prange(len(bounds) - 1):
@@ -18,7 +18,7 @@ def _matmul_rows(a, b, trans_b, bounds, out, fn):
         gemm(fn, a[r0:r1], False, b, trans_b, out[r0:r1])
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _matmul_cols(a, b, trans_b, bounds, out, fn):
     """out[:, c0:c1] = a @ op(b)[:, c0:c1] for each column block: each task reads its own part of b."""
     for i in prange(len(bounds) - 1):

@@ -27,7 +27,7 @@ def suits(C: int, F: int, K: int, stride: int) -> bool:
 _FAST = {"contract", "reassoc"}
 
 
-@njit(nogil=True, cache=True, fastmath=_FAST)
+@njit(nogil=True, cache=True, fastmath=_FAST, error_model="numpy")
 def _add_taps(acc, x, wrow, base):
     """acc[i] += Σ_kw wrow[kw]·x[base + kw + i] for i < len(acc): one kernel row's taps over a flat plane."""
     L, K = acc.size, wrow.size
@@ -49,7 +49,7 @@ def _add_taps(acc, x, wrow, base):
                 acc[i] += wk * xk[i]
 
 
-@njit(nogil=True, cache=True, fastmath=_FAST)
+@njit(nogil=True, cache=True, fastmath=_FAST, error_model="numpy")
 def _row_dots(d, x, base, out):
     """out[kw] += Σ_i d[i]·x[base + kw + i] for every kw: one kernel row of rule 5's correlation."""
     L, K = d.size, out.size
@@ -78,7 +78,7 @@ def _row_dots(d, x, base, out):
             out[kw] += s
 
 
-@njit(parallel=True, cache=True, fastmath=_FAST)
+@njit(parallel=True, cache=True, fastmath=_FAST, error_model="numpy")
 def direct_forward(xp, w, b, y):
     """y[n,f] = b[f] + Σ_c valid correlation of xp[n,c] (zero-padded) with w[f,c]; one (n, f) plane per task."""
     N, C, Hp, Wp = xp.shape                   # xp N,C,Hp,Wp; w F,C,K,K; y N,F,Ho,Wo
@@ -97,7 +97,7 @@ def direct_forward(xp, w, b, y):
             out[h] = acc[h * Wp:h * Wp + Wo]
 
 
-@njit(parallel=True, cache=True, fastmath=_FAST)
+@njit(parallel=True, cache=True, fastmath=_FAST, error_model="numpy")
 def direct_input_grad(dyp, wflip, pad, dx):
     """Rule 4: dx[n,c] = Σ_f conv2d(zeropad(δ[n,f], K-1), flip(w[f,c]), 'valid'), cropped of the forward's padding.
     dyp is δ zero-padded by K-1 on every side; wflip[c,f] = w[f,c] flipped both ways. One (n, c) per task."""
@@ -118,7 +118,7 @@ def direct_input_grad(dyp, wflip, pad, dx):
             out[h] = acc[h * Wq:h * Wq + W]
 
 
-@njit(parallel=True, cache=True, fastmath=_FAST)
+@njit(parallel=True, cache=True, fastmath=_FAST, error_model="numpy")
 def direct_weight_grad(xp, dyg, dw):
     """Rule 5: dw[f,c] = Σ_n conv2d(zeropad(x[n,c]), δ[n,f], 'valid'); dyg is δ on the padded width (flat, zero in
     the wrapped columns). One (f, c) per task, summing the batch in order: the same bits for any thread count."""
@@ -134,7 +134,7 @@ def direct_weight_grad(xp, dyg, dw):
         dw[f, c] = acc
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def delta_on_grid(dy, Wp, dyg):
     """dyg[n,f] = δ[n,f] laid out on rows Wp wide (flat), zero in the columns past Wo."""
     N, F, Ho, Wo = dy.shape                   # dy N,F,Ho,Wo; dyg N,F,L

@@ -10,7 +10,7 @@ from cnnpipe.backends.numba.runtime import contiguous, parts, register
 UPDATE_SPLIT = 1 << 16  # parameters with fewer elements update in one serial call
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def _sgd_range(p, g, v, lr, momentum, wd, nesterov, has_v, first, tiny, lo, hi):
     """PyTorch's SGD step on elements lo..hi of the flat p (and v), in the numpy backend's operation order, the
     momentum buffer flushed to 0 below `tiny` (the smallest normal: numpy_backend.flush_subnormal says why).
@@ -29,7 +29,7 @@ def _sgd_range(p, g, v, lr, momentum, wd, nesterov, has_v, first, tiny, lo, hi):
         ps[i] -= lr * gi
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _sgd_parallel(p, g, v, lr, momentum, wd, nesterov, has_v, first, tiny, T):
     """_sgd_range over T contiguous slices, one per thread (T passed in: reading numba's thread count inside
     a kernel makes it uncachable)."""
@@ -38,7 +38,7 @@ def _sgd_parallel(p, g, v, lr, momentum, wd, nesterov, has_v, first, tiny, T):
         _sgd_range(p, g, v, lr, momentum, wd, nesterov, has_v, first, tiny, t * n // T, (t + 1) * n // T)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def _adam_range(p, g, m, v, lr_bc1, b1, c1, b2, c2, eps, sqrt_bc2, wd, tiny, lo, hi):
     """PyTorch's Adam step on elements lo..hi of the flat p, m, v, in the numpy backend's operation order
     (c1, c2 = 1 - b1, 1 - b2 rounded from float64, as numpy does), m and v flushed to 0 below `tiny`."""
@@ -57,7 +57,7 @@ def _adam_range(p, g, m, v, lr_bc1, b1, c1, b2, c2, eps, sqrt_bc2, wd, tiny, lo,
         ps[i] -= lr_bc1 * (mi / (np.sqrt(vi) / sqrt_bc2 + eps))
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _adam_parallel(p, g, m, v, lr_bc1, b1, c1, b2, c2, eps, sqrt_bc2, wd, tiny, T):
     """_adam_range over T contiguous slices, one per thread."""
     n = p.size

@@ -21,7 +21,7 @@ class PoolCache(NamedTuple):
     arg: np.ndarray | None                # max: winner offset i*R+j per window, N,C,Ho,Wo int32; mean: None
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def _maxpool_plane(xp, R, S, yp, ap):
     """One plane: y = max over each R×R window; arg = row-major offset i*R+j of its winner: the first maximum
     (strictly greater takes over), or a NaN, which wins wherever it is (NaN propagates, as in PyTorch). The
@@ -41,7 +41,7 @@ def _maxpool_plane(xp, R, S, yp, ap):
             ap[ho, wo] = k
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def _maxpool_plane_2x2(xp, yp, ap):
     """_maxpool_plane for 2×2 windows every 2, as vector code: the maximum first, then the first offset that
     holds it. True when the plane holds a NaN (the caller then redoes it with _maxpool_plane's NaN rule)."""
@@ -64,7 +64,7 @@ def _maxpool_plane_2x2(xp, yp, ap):
     return nan
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _maxpool_forward(x, R, S, y, arg):
     """y = max over each R×R window, arg its winner's offset (see _maxpool_plane); one (n, c) plane per task."""
     N, C, Ho, Wo = y.shape                    # y, arg N,C,Ho,Wo; x N,C,H,W
@@ -74,7 +74,7 @@ def _maxpool_forward(x, R, S, y, arg):
             _maxpool_plane(x[n, c], R, S, y[n, c], arg[n, c])
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _maxpool_backward(dy, arg, R, S, dx):
     """Rule 2: δ goes only to each window's recorded winner; overlapping windows accumulate."""
     N, C, Ho, Wo = dy.shape                   # dy, arg N,C,Ho,Wo; dx N,C,H,W
@@ -87,7 +87,7 @@ def _maxpool_backward(dy, arg, R, S, dx):
                 dx[n, c, ho * S + k // R, wo * S + k % R] += dy[n, c, ho, wo]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _meanpool_forward(x, R, S, y):
     """y = mean over each R×R window."""
     N, C, Ho, Wo = y.shape                    # y N,C,Ho,Wo; x N,C,H,W
@@ -110,7 +110,7 @@ def _meanpool_forward(x, R, S, y):
                 yp[ho, wo] = acc * inv
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _meanpool_backward(dy, R, S, dx):
     """Rule 3: every neuron of a window gets δ/R²; overlapping windows accumulate. Each task zeroes the plane
     it scatters into (no separate serial pass over dx)."""

@@ -146,14 +146,14 @@ def blas_gemm(dtype) -> ctypes._CFuncPtr:
     return _GEMMS[dtype]
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def _ld(m):
     """The leading dimension (row stride in elements) of a 2-D array whose rows are contiguous: a C-contiguous
     array or a block of its columns. A single row's stride is arbitrary in numpy: its width then."""
     return m.strides[0] // m.itemsize if m.shape[0] > 1 else max(m.shape[1], 1)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def gemm(fn, a, trans_a, b, trans_b, out, accumulate=False):
     """out = op(a) @ op(b) (out += ... when accumulate) through fn (blas_gemm), op(m) = mᵀ when its flag is set;
     a, b and out 2-D arrays with contiguous rows (C-contiguous, or a block of columns of one; a transposed operand
