@@ -234,10 +234,13 @@ def test_every_kernel_is_registered_and_compiled_with_cache_true_and_numpys_erro
 def test_the_adam_update_is_vector_code():
     """Python's error model checks every float division for 0, which keeps the update's loop scalar."""
     import re
-    p, g, m, v = (np.ones(64, np.float32) for _ in range(4))
-    optim.adam_update(p, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
-    compiled = optim._adam_range.overloads[optim._adam_range.signatures[0]]
-    llvm = compiled.library.get_llvm_str()
+
+    import numba
+    k = optim._adam_range                       # compiled afresh with its own options (cached code keeps no IR)
+    fresh = numba.njit(**{o: v for o, v in k.targetoptions.items() if o != "cache"})(k.py_func)
+    T, n = np.float32, 64
+    fresh(*(np.ones(n, T) for _ in range(4)), *(T(x) for x in (1e-3, 0.9, 0.1, 0.999, 1e-3, 1e-8, 1, 0, 1e-38)), 0, n)
+    llvm = fresh.inspect_llvm(fresh.signatures[0])
     assert re.search(r"fdiv <\d+ x float>", llvm), "the Adam update's division is not vectorized"
 
 
