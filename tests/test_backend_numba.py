@@ -237,7 +237,7 @@ def test_the_adam_update_is_vector_code():
 
     import numba
     k = optim._adam_range                       # compiled afresh with its own options (cached code keeps no IR)
-    fresh = numba.njit(**{o: v for o, v in k.targetoptions.items() if o != "cache"})(k.py_func)
+    fresh = numba.njit(**{o: v for o, v in k.targetoptions.items() if o not in ("cache", "nopython")})(k.py_func)
     T, n = np.float32, 64
     fresh(*(np.ones(n, T) for _ in range(4)), *(T(x) for x in (1e-3, 0.9, 0.1, 0.999, 1e-3, 1e-8, 1, 0, 1e-38)), 0, n)
     llvm = fresh.inspect_llvm(fresh.signatures[0])
