@@ -36,9 +36,10 @@ class ThreadGovernor(Callback):
         self.candidates = [1, budget]           # the first trial times 1 first: it is never the disastrous one
         self.current = self.chosen = budget     # the count running now; the one the last trial chose
         self.next_trial, self.interval = FIRST_TRIAL, RECHECK[0]
-        self.trial: list[tuple[int, list[float]]] | None = None
-        self.reference = None                   # a later trial: the chosen count's median over its latest steps
-        self.index = self.skip = 0
+        self.trial: dict[int, float] | None = None   # during a trial: each timed count's median step time
+        self.queue: list[int] = []              # the counts this trial has still to time
+        self.times: list[float] = []            # the steps timed so far with the count running now
+        self.skip = 0
         self.expected = None                    # the chosen count's median step time in the last trial
         self.recent: deque[float] = deque(maxlen=WINDOW)
         self.changes: list[tuple[int, int]] = []   # (step, threads) whenever the count changed
@@ -56,38 +57,36 @@ class ThreadGovernor(Callback):
 
     def on_step_end(self, tr, step, result, lr, seconds):
         if self.trial is not None:
-            self._time_trial(tr, step, seconds)
+            self._time_trial(step, seconds)
             return
         self.recent.append(seconds)
         full = len(self.recent) == WINDOW
         slowed = self.expected is not None and full and statistics.median(self.recent) > SLOWER * self.expected
         if step >= self.next_trial or slowed:
-            self.reference = statistics.median(self.recent) if self.expected is not None and full else None
-            counts = [n for n in self.candidates if self.reference is None or n != self.chosen]
-            self.trial = [(n, []) for n in counts]
-            self.index, self.skip = 0, SETTLE
-            self._set(self.trial[0][0])
+            # a later trial counts the chosen count's latest steps as its timing and times only the other count
+            self.trial = {self.chosen: statistics.median(self.recent)} if self.expected is not None and full else {}
+            self.queue = [n for n in self.candidates if n not in self.trial]
+            self._time_next()
 
-    def _time_trial(self, tr, step, seconds):
+    def _time_next(self):
+        self.times, self.skip = [], SETTLE
+        self._set(self.queue.pop(0))
+
+    def _time_trial(self, step, seconds):
         if self.skip:
             self.skip -= 1
             return
-        threads, times = self.trial[self.index]
-        times.append(seconds)
-        timed = [statistics.median(t) for n, t in self.trial[:self.index]]   # counts already timed in this trial
-        best_so_far = min([self.reference] * (self.reference is not None) + timed, default=None)
-        clearly_slower = (best_so_far is not None and len(times) == ABORT_AFTER
-                          and statistics.median(times) > SLOWER * best_so_far)
-        if len(times) < WINDOW and not clearly_slower:
+        self.times.append(seconds)
+        best = min(self.trial.values(), default=None)
+        clearly_slower = (best is not None and len(self.times) == ABORT_AFTER
+                          and statistics.median(self.times) > SLOWER * best)
+        if len(self.times) < WINDOW and not clearly_slower:
             return
-        self.index += 1
-        if self.index < len(self.trial) and not clearly_slower:
-            self._set(self.trial[self.index][0])
-            self.skip = SETTLE
+        self.trial[self.current] = statistics.median(self.times)
+        if self.queue and not clearly_slower:
+            self._time_next()
             return
-        medians = {n: statistics.median(t) for n, t in self.trial if t}
-        if self.reference is not None:
-            medians[self.chosen] = self.reference
+        medians, self.trial = self.trial, None
         best = min(medians, key=medians.get)
         if best != self.chosen:
             self.changes.append((step, best))
@@ -99,7 +98,7 @@ class ThreadGovernor(Callback):
             self.interval = min(2 * self.interval, RECHECK[1])
         log.debug("thread trial at step %d: %s", step, {n: round(1e3 * t, 2) for n, t in medians.items()})
         self._set(best)
-        self.chosen, self.expected, self.trial = best, medians[best], None
+        self.chosen, self.expected = best, medians[best]
         self.recent.clear()
         self.next_trial = step + self.interval
 

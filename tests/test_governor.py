@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import make_fashion_root, run_script, tiny_overrides
 
-from cnnpipe.governor import FIRST_TRIAL, SETTLE, WINDOW, ThreadGovernor
+from cnnpipe.governor import ABORT_AFTER, FIRST_TRIAL, RECHECK, SETTLE, WINDOW, ThreadGovernor
 
 TWO_CORES = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
 
@@ -53,6 +53,23 @@ def test_a_slowdown_brings_the_next_check_forward():
     for step in range(62, 62 + WINDOW):                 # another process starts: steps twice as slow
         gov.on_step_end(Run, step, None, 0.1, 0.008)
     assert gov.trial is not None                        # checked now, not at step 250
+
+
+def test_beside_a_busy_core_the_two_thread_probes_stay_short():
+    """Two threads 20x slower than one (another process holds a core): the first trial drops them after a couple of
+    steps, and each later check times only them, against one thread's latest steps, for as few steps again."""
+    gov = ThreadGovernor(Threads(), 2)
+    gov.on_train_start(Run)
+    seconds_for = {2: 0.090, 1: 0.0045}
+    counts = []
+    for step in range(1, 1000):
+        counts.append(gov.current)
+        gov.on_step_end(Run, step, None, 0.1, seconds_for[gov.current])
+    assert gov.changes == [(FIRST_TRIAL + 2 * SETTLE + WINDOW + ABORT_AFTER, 1)]
+    # steps run with two threads: the first FIRST_TRIAL, then SETTLE + ABORT_AFTER in each of three trials (the
+    # first, and the checks RECHECK[0] and 2·RECHECK[0] steps after the one before; the next would come after 1000)
+    assert counts.count(2) == FIRST_TRIAL + 3 * (SETTLE + ABORT_AFTER)
+    assert sum(1 for a, b in zip(counts, counts[1:]) if (a, b) == (1, 2)) == 3 and 7 * RECHECK[0] > 1000
 
 
 @TWO_CORES
