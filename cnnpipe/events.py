@@ -5,7 +5,7 @@ of a second and tens of megabytes, importing torch for its writer seconds and mo
 
     w = EventWriter(run_dir, purge_step=None)
     w.scalars({"train/loss": 0.3, "train/lr": 0.05}, step)      # one event for many tags
-    w.image(tag, hwc_uint8, step); w.images(tag, nhwc_uint8, step)   # PNG; several images tiled 8 a row
+    w.image(tag, hwc_uint8, step)                                # PNG (several images: tile them first)
     w.histogram(tag, values, step); w.text(tag, "...", step)     # the text's tag gets "/text_summary", as torch's
     w.hparams(settings, metric_tags, step); w.hparams_end(step)  # one row of the HParams dashboard
     w.flush(); w.close()
@@ -25,8 +25,6 @@ from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 from tensorboard.plugins.hparams import metadata as hp_metadata
 from tensorboard.plugins.text.plugin_data_pb2 import TextPluginData
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
-
-IMAGES_PER_ROW = 8
 
 
 def _tf_buckets() -> np.ndarray:
@@ -66,17 +64,6 @@ class EventWriter:
         H, W, C = img.shape
         self.write([Summary.Value(tag=tag, image=Summary.Image(height=H, width=W, colorspace=C,
                                                                 encoded_image_string=png.getvalue()))], step)
-
-    def images(self, tag: str, imgs: np.ndarray, step: int) -> None:
-        """imgs uint8 N,H,W,C: one image, the N tiled IMAGES_PER_ROW a row (as torch's add_images)."""
-        N, H, W, C = imgs.shape
-        cols = min(N, IMAGES_PER_ROW)
-        rows = -(-N // cols)
-        canvas = np.zeros((rows * H, cols * W, C), np.uint8)                    # rows·H, cols·W, C
-        for i in range(N):
-            r, c = divmod(i, cols)
-            canvas[r * H:(r + 1) * H, c * W:(c + 1) * W] = imgs[i]
-        self.image(tag, canvas, step)
 
     def histogram(self, tag: str, values: np.ndarray, step: int) -> None:
         """The values counted in TensorFlow's buckets, the empty ones at both ends left out."""

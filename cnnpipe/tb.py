@@ -60,6 +60,11 @@ def _timed(hook):
 
 
 # -- the callback -------------------------------------------------------------------------------------------------
+def tile(images):
+    """The probe images' N,H,W,3 pictures side by side in one image (~square, no separator: each has its own)."""
+    return grid(images, gap=0, px=1)
+
+
 def _norm(a):
     a = np.asarray(a).ravel()
     return float(math.sqrt(float(np.dot(a, a))))
@@ -292,7 +297,7 @@ class TensorBoardLogger(Callback):
         w.scalars({"probe/loss": loss}, step)
         u8 = self.probe_u8.transpose(0, 2, 3, 1)                                     # N,H,W,C
         u8 = np.repeat(u8, 3, axis=3) if u8.shape[3] == 1 else u8[..., :3]
-        w.images("input/probe", np.stack([grid(im[None, None]) for im in u8]), step)
+        w.image("input/probe", tile(np.stack([grid(im[None, None]) for im in u8])), step)
         layers = tr.model.layers
         for i, layer in enumerate(layers):
             if not isinstance(layer, Conv2d):
@@ -300,8 +305,8 @@ class TensorBoardLogger(Callback):
             act_i = i + 1 if i + 1 < len(layers) and layers[i + 1].kind in ACTIVATIONS else i
             if deltas[i] is not None:                                             # N,F,Ho,Wo
                 maps = np.stack([grid(colorize(dm, DELTA_GAMMA)) for dm in deltas[i]])   # N,H',W',3
-                w.images(f"delta/{layer.name}", maps, step)
-            w.images(f"activation/{layer.name}", np.stack([grid(colorize(am)) for am in outs[act_i]]), step)
+                w.image(f"delta/{layer.name}", tile(maps), step)
+            w.image(f"activation/{layer.name}", tile(np.stack([grid(colorize(am)) for am in outs[act_i]])), step)
             W = layer.params["W"][:64, :32]                                        # F,C,K,K (at most 64×32 tiles)
             tiles = diverging(W, float(np.abs(W).max()))                           # F,C,K,K,3
             img = grid(tiles[:, 0], px=48) if W.shape[1] == 1 else grid(tiles, px=40)   # one channel: square grid

@@ -116,6 +116,10 @@ def test_images_decode_and_delta_maps_are_not_blank(tb_run):
                                                    for c in ("conv1", "conv2")}
     assert expected <= tags, sorted(expected - tags)
     assert [e.step for e in ea.Images("delta/conv1")] == [4, 8, 12]
+    from cnnpipe.images import grid
+    one = grid(np.zeros((1, 1, 28, 28, 3), np.uint8))                     # one probe picture, as the logger draws it
+    probe = ea.Images("input/probe")[0]
+    assert (probe.height, probe.width) == (one.shape[0], 2 * one.shape[1])   # the two probes side by side
     assert [e.step for e in ea.Images("confusion/val")] == [6, 12]
     for tag in tags:
         for ev in ea.Images(tag):
