@@ -29,12 +29,10 @@ def fail(message: str, code: int = EXIT_CONFIG):
 def run_guarded(fn, run_dir=None):
     """Call fn(); a ConfigError exits 2 with its message, an interrupt exits 130/143 saying how to resume.
 
-    With the run directory of a command Hydra started: it is locked for the run (already, mostly: see
-    check_command_line), and a ConfigError during the command's set-up leaves it as it was found
+    With the run directory of a command Hydra started (run_command locked it before Hydra wrote there: see
+    check_command_line), a ConfigError during the command's set-up leaves it as it was found
     (runlock.discard_unstarted), so a refused run is no run."""
     try:
-        if run_dir is not None:
-            runlock.hold(run_dir)               # taken already when run_command started it (a no-op then)
         return fn()
     except ConfigError as e:
         if run_dir is not None:

@@ -540,6 +540,7 @@ def test_cache_false_neither_reads_nor_writes_it(tmp_path):
     D.load_data(cfg("kmnist", tmp_path, cache=False), 0)
     assert not (tmp_path / ".cnnpipe-cache").exists()
     D.load_data(cfg("kmnist", tmp_path), 0)                                   # writes it
+    assert len(list((tmp_path / ".cnnpipe-cache").glob("kmnist-*.npz"))) == 1
     b = D.load_data(cfg("kmnist", tmp_path, cache=False), 0)
     assert b.source == str(tmp_path / "KMNIST" / "raw")
 
