@@ -16,6 +16,7 @@ from cnnpipe.backends.numba.runtime import (
     blas_gemm,
     check_input,
     contiguous,
+    even_bounds,
     gemm,
     give_back,
     lease,
@@ -280,10 +281,8 @@ def conv2d_backward(dy: np.ndarray, cache: ConvCache,
         return dx, dw, db
     xp = _padded(x, pad) if kept is None else NO_4D[dt.str]   # xp N,C,Hp,Wp
     bounds = _chunks(N, CKK * P * dt.itemsize) if kept is None else cache.bounds   # kept: laid out by these
-    chunks = len(bounds) - 1
-    G = min(parts(), chunks)                             # the run's thread budget: the same bits for any threads
-    groups = np.array([g * chunks // G for g in range(G + 1)], np.int64)
-    partial = np.empty((G, F, CKK), dt)                  # rule 5 partials, one per group of chunks
+    groups = even_bounds(len(bounds) - 1, parts())       # the run's thread budget: the same bits for any threads
+    partial = np.empty((len(groups) - 1, F, CKK), dt)    # rule 5 partials, one per group of chunks
     with single_blas():
         _conv_backward_chunks(dy3, xp, w.reshape(F, CKK), S, pad, bounds, groups, (C, K, Ho, Wo),
                               NO_COLS[dt.str] if kept is None else kept, need_dx,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange  # after runtime: numba's threading layer is chosen there
 
-from cnnpipe.backends.numba.runtime import blas_gemm, gemm, parts, register, single_blas
+from cnnpipe.backends.numba.runtime import blas_gemm, even_bounds, gemm, parts, register, single_blas
 
 MATMUL_SPLIT_FLOPS = 2e7  # below this a product runs in one call in the calling thread (docs/numba.md)
 
@@ -48,9 +48,8 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     trans_b = not b.flags.c_contiguous and b.flags.f_contiguous
     b = b.T if trans_b else np.ascontiguousarray(b)      # e.g. Wᵀ: passed as W, transposed by the GEMM
     split, size = (_matmul_cols, N) if N > M else (_matmul_rows, M)
-    T = min(parts(), size)
     with single_blas():
-        split(a, b, trans_b, np.array([r * size // T for r in range(T + 1)], np.int64), out, blas_gemm(out.dtype))
+        split(a, b, trans_b, even_bounds(size, parts()), out, blas_gemm(out.dtype))
     return out
 
 

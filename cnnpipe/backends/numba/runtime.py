@@ -63,6 +63,12 @@ def parts() -> int:
     return _parts[0] or workers()
 
 
+def even_bounds(n: int, k: int) -> np.ndarray:
+    """[0, ..., n] cut into min(k, n) near-equal parts (int64, for a prange over the parts)."""
+    k = max(1, min(k, n))
+    return np.array([i * n // k for i in range(k + 1)], np.int64)
+
+
 _BLAS = None
 
 
