@@ -1,7 +1,7 @@
 """TensorBoard event files without torch: the summaries cnnpipe logs (scalars, images, histograms, text and the
 HParams plugin's records) built from the tensorboard package's own protos and written by its EventFileWriter. The
-events are what torch.utils.tensorboard's SummaryWriter writes for the same calls; importing this costs a tenth
-of a second and tens of megabytes, importing torch for its writer seconds and most of a gigabyte.
+events are what torch.utils.tensorboard's SummaryWriter writes for the same calls, without importing torch, whose
+import was most of a training run's start-up time and memory (the figures: docs/bench.md's start-up section).
 
     w = EventWriter(run_dir, purge_step=None)
     w.scalars({"train/loss": 0.3, "train/lr": 0.05}, step)      # one event for many tags

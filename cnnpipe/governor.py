@@ -26,8 +26,8 @@ SETTLE = 1                  # steps after a change that are not timed
 RECHECK = (200, 3200)       # steps between trials: the first, and the most while the choice holds (doubling)
 SLOWER = 1.5                # recent steps this much slower than the chosen count's trial median: check again;
                             # a probed count this much slower than the chosen one: stop probing it
-ABORT_AFTER = 2             # timed steps of a probe before it may stop early (beside a busy core, a step with both
-                            # threads can take 10-20 times one with one thread)
+ABORT_AFTER = 2             # timed steps of a probe before it may stop early: beside a busy core every step with
+                            # both threads is very slow (docs/numba.md)
 
 
 class ThreadGovernor(Callback):

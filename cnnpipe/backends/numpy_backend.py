@@ -200,12 +200,11 @@ def matmul(a, b):
 
 
 # ----------------------------------------------------------------------------- optimizer updates
-# The momentum and Adam buffers are flushed to zero below the smallest normal float: a buffer that decays
-# geometrically (every weight of a unit whose gradient stays 0) would otherwise spend hundreds of steps in
-# subnormal numbers, each operation on which costs an x86 core ~100 cycles (docs/numba.md).
 
 def flush_subnormal(a):
-    """a with every entry whose magnitude is below the dtype's smallest normal number set to 0 (in place)."""
+    """a with every entry whose magnitude is below the dtype's smallest normal number set to 0 (in place): the
+    momentum and Adam buffers of a unit whose gradient stays 0 decay geometrically and would otherwise spend
+    hundreds of steps in subnormal numbers, on which x86 cores compute many times slower (docs/numba.md)."""
     np.copyto(a, 0, where=np.abs(a) < np.finfo(a.dtype).tiny)
 
 

@@ -1,6 +1,6 @@
 """The arrays torchvision decoded from a dataset's files, kept beside them (`<data.root>/.cnnpipe-cache/`), so that a
-later run whose files are unchanged reads them back without importing torch and torchvision (seconds, and most of
-a gigabyte of memory, before the first step). `data.cache=false` always loads through torchvision.
+later run whose files are unchanged reads them back without importing torch and torchvision, the largest part of
+a run's start-up time and memory. `data.cache=false` always loads through torchvision.
 
 A cache file is named by a fingerprint of everything the arrays depend on: the dataset, the folder torchvision
 reads and every file in it (name, size, modification time), and data.verify (a copy loaded without the md5 check

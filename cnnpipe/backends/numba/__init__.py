@@ -36,7 +36,7 @@ Adding a kernel:
 1. @njit(cache=True, error_model="numpy") (parallel=True for a prange kernel, nogil=True for a serial one):
    cache=True so that a second process loads it from the disk cache instead of compiling it; numpy's error model
    so that a division by 0 gives inf or nan, as in numpy, instead of a check per element that keeps the loop
-   from vectorizing (the Adam update ran 4x slower so).
+   from vectorizing (docs/numba.md: the Adam update).
 2. Never read numba's thread count (numba.get_num_threads) inside a kernel: pass the number of parts in, from
    runtime.parts() (the run's thread budget). A kernel that reads it compiles and runs, but silently stops being
    cached; and cutting work by the threads running now would make results depend on the thread governor.
