@@ -79,18 +79,19 @@ def test_readme_slurm_sweep_runs_every_job_with_cpus_per_task_threads(slurm, rea
 
 
 def test_a_sweep_cut_off_by_its_time_limit_resumes_from_its_checkpoints(slurm, readme_sweep, tmp_path):
-    """The README's command narrowed to two jobs (conv.k=5, both pools) on data that takes ~90 s to train, with a
-    two-minute limit and its warning 30 s before: SLURM's SIGUSR2 (sent at slurmctld's 30-s checks, up to 60 s
-    early: here 30-60 s after the start, once every job is training) cuts both off; the same command with
-    sweep.resume=true (and the README's limit) finishes them from their checkpoints. (With a one-minute limit
-    the warning can come in any of the first 30 s, also in the second before submitit installs its handlers,
+    """The README's command narrowed to two jobs (conv.k=5, both pools) on data that takes ~150 s to train at the
+    speed the README sweep's jobs had (a margin: a job that happens to train faster must still be training when the
+    warning comes), with a two-minute limit and its warning 30 s before: SLURM's SIGUSR2 (sent at slurmctld's 30-s
+    checks, up to 60 s early: here 30-90 s after the start, once every job is training) cuts both off; the same
+    command with sweep.resume=true (and the README's limit) finishes them from their checkpoints. (With a one-minute
+    limit the warning can come in any of the first 30 s, also in the second before submitit installs its handlers,
     which kills the job.)"""
     env, _ = slurm
     sweep_before, _ = readme_sweep
     sps = statistics.median(json.loads((sweep_before / row["dir"] / "metrics.json").read_text())["samples_per_second"]
                             for row in summary(sweep_before) if "conv.k=5" in row["overrides"])
     n_train = 20000
-    epochs = max(2, math.ceil(90 * sps / n_train))              # ~90 s of training at the speed measured above
+    epochs = max(2, math.ceil(150 * sps / n_train))             # ~150 s of training at the speed measured above
     root = make_fashion_root(tmp_path / "data", n_train=n_train, n_test=200)
     sweep = tmp_path / "sweep"
     command = with_overrides(readme_slurm_command(), "conv.k=5", f"hydra.sweep.dir={sweep}",
