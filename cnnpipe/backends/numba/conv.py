@@ -125,6 +125,21 @@ def _delta_to_fnp(dy, n0, dyT):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
+def _delta_to_pf(dy, n0, dyPF):
+    """dyPF[j*P + p, f] = dy[n0+j, f, p]: δ as (nb*P, F), the layout in which rule 5's sgemm col2d @ dyPF runs
+    fastest (docs/numba.md)."""
+    nb_P, F = dyPF.shape                      # dyPF nb*P, F; dy N,F,P
+    P = dy.shape[2]
+    for j in range(nb_P // P):
+        d = dy[n0 + j]                        # F,P
+        out = dyPF[j * P:(j + 1) * P]         # P,F
+        for p in range(P):
+            row = out[p]
+            for f in range(F):
+                row[f] = d[f, p]
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
 def _chunk_cols(kept, n0, nb, col_shape):
     """Chunk (n0, nb)'s column array C,K,K,nb,Ho,Wo: its slice of kept (flat, sample-major) when kept is not
     empty, else a temporary (contents undefined; an empty kept still carries the dtype)."""
@@ -154,28 +169,29 @@ def _conv_forward_chunks(xp, w2d, b, S, bounds, col_shape, kept, ywork, y3, fn):
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _conv_backward_chunks(dy3, xp, w2d, S, pad, bounds, groups, col_shape, kept, need_dx, dx, dwork, parts, fn):
-    """Backward, one group of consecutive batch chunks per task (groups[g]..groups[g+1]), chunk by chunk: δ
-    reordered to (F,nb,P) in dwork; rule 5 parts[g] = Σ over the group's chunks, in order, of δ2d @ colᵀ (the
-    GEMM accumulates); rule 4 dx = col2im(W2dᵀ @ δ2d), the product in a chunk-sized temporary. Columns come from
-    kept (forward's, only read) or are rebuilt from xp."""
+def _conv_backward_chunks(dy3, xp, w2d, S, pad, bounds, groups, col_shape, kept, need_dx, dx, dwork, pfwork, parts,
+                          fn):
+    """Backward, one group of consecutive batch chunks per task (groups[g]..groups[g+1]), chunk by chunk: rule 5
+    parts[g] = Σ over the group's chunks, in order, of col2d @ δ as (nb*P, F) in pfwork, i.e. dW2dᵀ (the GEMM
+    accumulates); rule 4 dx = col2im(W2dᵀ @ δ2d), δ2d reordered to (F,nb,P) in dwork, the product in a chunk-sized
+    temporary. Columns come from kept (forward's, only read) or are rebuilt from xp."""
     C, K, Ho, Wo = col_shape
     F = w2d.shape[0]
     P, CKK = Ho * Wo, C * K * K
     for g in prange(len(groups) - 1):
         for i in range(groups[g], groups[g + 1]):
             n0, nb = bounds[i], bounds[i + 1] - bounds[i]
-            dyT = dwork[n0 * F * P:(n0 + nb) * F * P].reshape((F, nb, P))   # δ as F, nb, P
-            _delta_to_fnp(dy3, n0, dyT)
-            dyT2d = dyT.reshape((F, nb * P))
+            dyPF = pfwork[n0 * F * P:(n0 + nb) * F * P].reshape((nb * P, F))   # δ as nb*P, F
+            _delta_to_pf(dy3, n0, dyPF)
             col = _chunk_cols(kept, n0, nb, col_shape)
             if not kept.size:                                         # not kept: rebuilt from xp
                 _im2col(xp, n0, S, col)
-            col2d = col.reshape((CKK, nb * P))
-            gemm(fn, dyT2d, False, col2d, True, parts[g], i > groups[g])   # F, C*K*K
+            gemm(fn, col.reshape((CKK, nb * P)), False, dyPF, False, parts[g], i > groups[g])   # C*K*K, F
             if need_dx:
+                dyT = dwork[n0 * F * P:(n0 + nb) * F * P].reshape((F, nb, P))   # δ as F, nb, P
+                _delta_to_fnp(dy3, n0, dyT)
                 dcol = np.empty((CKK, nb * P), dx.dtype)              # C*K*K, nb*P
-                gemm(fn, w2d, True, dyT2d, False, dcol)
+                gemm(fn, w2d, True, dyT.reshape((F, nb * P)), False, dcol)
                 _col2im(dcol.reshape((C, K, K, nb, Ho, Wo)), n0, S, pad, dx)
 
 
@@ -282,18 +298,18 @@ def conv2d_backward(dy: np.ndarray, cache: ConvCache,
     xp = _padded(x, pad) if kept is None else NO_4D[dt.str]   # xp N,C,Hp,Wp
     bounds = _chunks(N, CKK * P * dt.itemsize) if kept is None else cache.bounds   # kept: laid out by these
     groups = even_bounds(len(bounds) - 1, parts())       # the run's thread budget: the same bits for any threads
-    partial = np.empty((len(groups) - 1, F, CKK), dt)    # rule 5 partials, one per group of chunks
+    partial = np.empty((len(groups) - 1, CKK, F), dt)    # rule 5 partials of dW2dᵀ, one per group of chunks
     with single_blas():
         _conv_backward_chunks(dy3, xp, w.reshape(F, CKK), S, pad, bounds, groups, (C, K, Ho, Wo),
                               NO_COLS[dt.str] if kept is None else kept, need_dx,
-                              dx if need_dx else NO_4D[dt.str], scratch("dyT", (N * F * P,), dt), partial,
-                              blas_gemm(dt))
+                              dx if need_dx else NO_4D[dt.str], scratch("dyT", (N * F * P,), dt),
+                              scratch("dyPF", (N * F * P,), dt), partial, blas_gemm(dt))
     if kept is not None:
         give_back(cache.cols)                            # the lease ends: a later backward rebuilds the columns
-    dw2d = partial[0]
+    dw2dT = partial[0]
     for part in partial[1:]:                             # fixed order: deterministic
-        dw2d += part
-    return dx, dw2d.reshape(F, C, K, K), db
+        dw2dT += part
+    return dx, np.ascontiguousarray(dw2dT.T).reshape(F, C, K, K), db
 
 
 def _direct_backward(dy, x, w, pad, dx):
@@ -327,4 +343,4 @@ def _warm(dtype: np.dtype) -> None:
 
 
 register(__name__, (_conv_forward_chunks, _conv_backward_chunks, _zeropad), _warm,
-         inner=(_im2col, _col2im, _add_bias_to_nfp, _delta_to_fnp, _chunk_cols))
+         inner=(_im2col, _col2im, _add_bias_to_nfp, _delta_to_fnp, _delta_to_pf, _chunk_cols))
