@@ -20,6 +20,7 @@ in the input's dtype (float32 in, float32 out).
 from __future__ import annotations
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from cnnpipe.shapes import conv_output, pool_output
 
@@ -39,12 +40,13 @@ def _zeropad(x, P):
 
 
 def _im2col(xp, K, S, Ho, Wo):
-    """Gather every K×K window of xp into col[n, c,ki,kj, ho,wo] = xp[n, c, S*ho+ki, S*wo+kj]."""
+    """Gather every K×K window of xp into col[n, c,ki,kj, ho,wo] = xp[n, c, S*ho+ki, S*wo+kj].
+
+    The windows are a strided view of xp (no copy); one copy lays them out, faster than K² slice-copies."""
     N, C = xp.shape[:2]
+    windows = sliding_window_view(xp, (K, K), axis=(2, 3))[:, :, :S * Ho:S, :S * Wo:S]  # N,C,Ho,Wo,K,K view
     col = np.empty((N, C, K, K, Ho, Wo), dtype=xp.dtype)  # N,C,K,K,Ho,Wo
-    for ki in range(K):
-        for kj in range(K):
-            col[:, :, ki, kj] = xp[:, :, ki:ki + S * Ho:S, kj:kj + S * Wo:S]
+    np.copyto(col, windows.transpose(0, 1, 4, 5, 2, 3))
     return col.reshape(N, C * K * K, Ho * Wo)  # N,CKK,HoWo
 
 
@@ -111,7 +113,7 @@ def conv2d_backward(dy, cache, need_dx=True):
     Ho, Wo = dy.shape[2:]
     dy3 = np.ascontiguousarray(dy, dtype=dtype).reshape(N, F, Ho * Wo)  # N,F,HoWo
     db = dy3.sum(axis=(0, 2))  # F                                             rule 6
-    dw = np.zeros((F, C * K * K), dtype=dtype)  # F,CKK
+    dwT = np.zeros((C * K * K, F), dtype=dtype)  # CKK,F
     if need_dx and S == 1:  # δ in wide rows for _col2im: Wp columns a row, zeros past Wo
         delta_wide = np.zeros((N, F, Ho, Wp), dtype=dtype)  # N,F,Ho,Wp
         delta_wide[..., :Wo] = dy3.reshape(N, F, Ho, Wo)
@@ -122,7 +124,8 @@ def conv2d_backward(dy, cache, need_dx=True):
     for sl in _chunks(N, C * K * K * Ho * Wo * dtype.itemsize):
         if xp is not None:  # chunked forward: rebuild this chunk's columns
             col = _im2col(xp[sl], K, S, Ho, Wo)  # n,CKK,HoWo
-        dw += np.matmul(dy3[sl], col.transpose(0, 2, 1)).sum(axis=0)  # F,CKK  rule 5
+        # rule 5 as dWᵀ = col @ δᵀ: BLAS runs this operand order faster than δ @ colᵀ (docs/numba.md)
+        dwT += np.matmul(col, dy3[sl].transpose(0, 2, 1)).sum(axis=0)  # CKK,F
         if need_dx:
             dcol = np.matmul(w2d.T, delta_wide[sl])  # n,CKK,HoWo (HoWp at stride 1)   rule 4
             dxps.append(_col2im(dcol, C, K, S, Ho, Wo, Hp, Wp))  # n,C,Hp,Wp
@@ -130,7 +133,7 @@ def conv2d_backward(dy, cache, need_dx=True):
     if need_dx:
         dxp = dxps[0] if len(dxps) == 1 else np.concatenate(dxps)  # N,C,Hp,Wp
         dx = np.ascontiguousarray(dxp[:, :, P:P + H, P:P + W])  # N,C,H,W
-    return dx, dw.reshape(F, C, K, K), db
+    return dx, np.ascontiguousarray(dwT.T).reshape(F, C, K, K), db
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -167,16 +170,19 @@ def pool2d_backward(dy, cache):
     mode, (N, C, H, W), dtype, k, S, arg = cache
     Ho, Wo = dy.shape[2:]
     dy = dy.astype(dtype, copy=False)
-    dx = np.zeros((N, C, H, W), dtype=dtype)  # N,C,H,W
+    tiles = k == S and H == S * Ho and W == S * Wo  # the windows cover dx exactly once: no zeroing pass
+    dx = np.empty((N, C, H, W), dtype=dtype) if tiles else np.zeros((N, C, H, W), dtype=dtype)  # N,C,H,W
     share = dy * (1.0 / (k * k)) if mode == "mean" else None  # N,C,Ho,Wo  rule 3: δ/size² to each member
     for o in range(k * k):
         ki, kj = divmod(o, k)
         dxo = dx[:, :, ki:ki + S * Ho:S, kj:kj + S * Wo:S]  # N,C,Ho,Wo view: offset o of every window
-        d = share if mode == "mean" else dy * (arg == o)  # rule 3 | rule 2: δ to the winner only
-        if k <= S:  # windows do not overlap: each element of dx is written once
-            dxo[...] = d
+        if k <= S:  # windows do not overlap: each element of dx is written once, in place
+            if mode == "mean":
+                dxo[...] = share  # rule 3
+            else:
+                np.multiply(dy, arg == o, out=dxo)  # rule 2: δ to the winner only
         else:  # overlapping windows accumulate
-            dxo += d
+            dxo += share if mode == "mean" else dy * (arg == o)
     return dx
 
 
