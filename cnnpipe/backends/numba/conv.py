@@ -16,6 +16,7 @@ from cnnpipe.backends.numba.runtime import (
     blas_gemm,
     check_input,
     contiguous,
+    copy_row,
     even_bounds,
     gemm,
     give_back,
@@ -98,7 +99,7 @@ def _col2im(dcol, n0, S, pad, dx):
                             d[wo * S + kw] += s[wo]
         out = dx[n0 + j, c]
         for h in range(H):
-            out[h] = plane[h + pad, pad:pad + W]
+            copy_row(out[h], plane[h + pad, pad:pad + W])
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -203,7 +204,7 @@ def _zeropad(x, pad, xp):
         n, c = r // C, r % C
         xp[n, c] = 0
         for h in range(H):
-            xp[n, c, h + pad, pad:pad + W] = x[n, c, h]
+            copy_row(xp[n, c, h + pad, pad:pad + W], x[n, c, h])
 
 
 # ----------------------------------------------------------------------------------------------------

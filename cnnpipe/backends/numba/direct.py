@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange  # after runtime: numba's threading layer is chosen there
 
-from cnnpipe.backends.numba.runtime import register
+from cnnpipe.backends.numba.runtime import copy_row, register
 
 MAX_FILTERS = 8  # direct when a layer has this many filters or fewer: im2col's GEMM then has a short side
 MAX_TAPS = 256   # ... and at most this many taps C·K·K per filter (measurements: docs/numba.md)
@@ -94,7 +94,7 @@ def direct_forward(xp, w, b, y):
                 _add_taps(acc, x, w[f, c, kh], kh * Wp)
         out = y[n, f]
         for h in range(Ho):
-            out[h] = acc[h * Wp:h * Wp + Wo]
+            copy_row(out[h], acc[h * Wp:h * Wp + Wo])
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST, error_model="numpy")
@@ -115,7 +115,7 @@ def direct_input_grad(dyp, wflip, pad, dx):
                 _add_taps(acc, d, wflip[c, f, kh], start + kh * Wq)
         out = dx[n, c]
         for h in range(H):
-            out[h] = acc[h * Wq:h * Wq + W]
+            copy_row(out[h], acc[h * Wq:h * Wq + W])
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST, error_model="numpy")
@@ -143,7 +143,7 @@ def delta_on_grid(dy, Wp, dyg):
         g, d = dyg[n, f], dy[n, f]
         g[:] = 0
         for h in range(Ho):
-            g[h * Wp:h * Wp + Wo] = d[h]
+            copy_row(g[h * Wp:h * Wp + Wo], d[h])
 
 
 def warm(dtype: np.dtype) -> None:

@@ -170,7 +170,15 @@ def gemm(fn, a, trans_a, b, trans_b, out, accumulate=False):
        a.ctypes.data, _ld(a), b.ctypes.data, _ld(b), 1.0 if accumulate else 0.0, out.ctypes.data, _ld(out))
 
 
-register(__name__, (), lambda dtype: None, inner=(gemm, _ld))    # compiled with the conv and dense kernels that call it
+@njit(nogil=True, cache=True, error_model="numpy")
+def copy_row(dst, src):
+    """dst[i] = src[i] for 1-D arrays of one length, as a loop: numba's slice assignment dst[...] = src[...] goes
+    through a temporary (the two could overlap) and costs ~5× more on short rows (docs/numba.md)."""
+    for i in range(dst.size):
+        dst[i] = src[i]
+
+
+register(__name__, (), lambda dtype: None, inner=(gemm, _ld, copy_row))    # compiled with the kernels that call them
 
 
 # ----------------------------------------------------------------------------------------------------
