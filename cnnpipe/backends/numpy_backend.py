@@ -11,9 +11,9 @@ Dimension letters, fixed for the whole module:
     y, cache   = pool2d_forward(x, size=2, stride=2, mode="max")   # "max" | "mean"
     dx         = pool2d_backward(dy, cache)                        # rules 2, 3
 
-Convolution is im2col + GEMM: K² strided slice-copies gather every window into a buffer ordered
+Convolution is im2col + GEMM: one copy of a sliding-window view gathers every window into a buffer ordered
 (N, C,K,K, Ho,Wo), so one batched `W2d @ col` gives y as N,F,Ho,Wo with no transpose. Backward
-reuses the buffer: rule 5 is `δ @ colᵀ`, rule 4 is `col2im(W2dᵀ @ δ)` (K² strided slice-adds), the
+reuses the buffer: rule 5 is `(col @ δᵀ)ᵀ`, rule 4 is `col2im(W2dᵀ @ δ)` (K² strided slice-adds), the
 transposed convolution, which equals rule 4's full convolution of δ with the flipped kernel. Everything stays
 in the input's dtype (float32 in, float32 out).
 """

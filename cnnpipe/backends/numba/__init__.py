@@ -15,13 +15,13 @@ oversubscription and no Python between the steps of a layer.
 - other conv layers (conv.py): the batch is cut into chunks (a chunk's columns stay in cache, at least one
   chunk per thread), one task per chunk. Forward per chunk: im2col col (C,K,K,nb,Ho,Wo) -> one sgemm
   W2d @ col -> bias add fused with the (F,nb,P) -> (N,F,P) reorder. Backward, one group of consecutive chunks
-  per thread of the run's budget, per chunk: δ reordered to (F,nb,P); rule 5 dW += δ2d @ colᵀ into the group's
-  partial (the GEMM accumulates; the groups' partials are summed in order); rule 4 dx = col2im(W2dᵀ @ δ2d), the
-  transposed convolution, which equals the full convolution of δ with the flipped kernel. Rule 6 db is numpy's
-  (deterministic) sum. Forward lends the batch's columns to the first backward when they fit KEEP_COL_BYTES
-  (a small layer's training batch); otherwise backward rebuilds them chunk by chunk from the padded input (in
-  cache, cheaper than reading a large column buffer back from memory), so memory stays bounded for any batch
-  size. Backward only reads the cache.
+  per thread of the run's budget, per chunk: rule 5 dW2dᵀ += col2d @ δ, δ reordered to (nb·P, F), into the
+  group's partial (the GEMM accumulates; the groups' partials are summed in order); rule 4 dx = col2im(W2dᵀ @ δ2d),
+  δ2d reordered to (F,nb·P), the transposed convolution, which equals the full convolution of δ with the flipped
+  kernel. Rule 6 db is numpy's (deterministic) sum. Forward lends the batch's columns to the first backward when
+  they fit KEEP_COL_BYTES (a small layer's training batch); otherwise backward rebuilds them chunk by chunk from
+  the padded input (in cache, cheaper than reading a large column buffer back from memory), so memory stays
+  bounded for any batch size. Backward only reads the cache.
 - pools (pool.py): direct loops, prange over (n, c) planes, so threads write disjoint memory; 2×2 windows every 2
   have loops of their own that vectorize.
 - dense layers (dense.py, matmul): blocks of the product's columns (or rows, when it is taller than wide), one

@@ -279,8 +279,8 @@ def _im2col_forward(x, w, b, S, pad):
 def conv2d_backward(dy: np.ndarray, cache: ConvCache,
                     need_dx: bool = True) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """Rules 4 (without h'), 5, 6. dx = col2im(W2dᵀ @ δ2d), the transposed conv, i.e. the full conv of δ
-    with the flipped kernel (rule 4); dW = δ2d @ colᵀ, the valid correlation of zeropad(x) with δ (rule 5),
-    one partial per batch chunk, summed in chunk order; db = the sum of δ (rule 6). dx is None when
+    with the flipped kernel (rule 4); dW = (col2d @ δ as (N·P, F))ᵀ, the valid correlation of zeropad(x) with δ
+    (rule 5), one partial per group of chunks, summed in group order; db = the sum of δ (rule 6). dx is None when
     need_dx is False (the first layer)."""
     x, w, S, pad = cache.x, cache.w, cache.stride, cache.pad
     kept = cache.cols.array if cache.cols is not None and cache.cols.valid else None   # else rebuilt
