@@ -3,7 +3,8 @@
 Two threads on two cores finish a parallel region only when both have run; while another process holds one core,
 every region waits for a time slice there and a step takes several times longer than with one thread on the free
 core. The governor's first trial times a window of steps with each thread count (1, then the run's budget) and
-keeps the faster; later trials (more and more seldom while the choice holds, sooner when steps slow down) time only
+keeps the faster, the steps before it (run with the budget) standing in for the budget's timing until it is timed;
+later trials (more and more seldom while the choice holds, sooner when steps slow down) time only
 the other count against the chosen one's latest steps. A count that is clearly slower than the best one timed so far
 is dropped after a couple of steps, so that checking whether the cores are free again costs little while they are
 not. The numba kernels cut their work by
@@ -37,6 +38,7 @@ class ThreadGovernor(Callback):
         self.current = self.chosen = budget     # the count running now; the one the last trial chose
         self.next_trial, self.interval = FIRST_TRIAL, RECHECK[0]
         self.trial: dict[int, float] | None = None   # during a trial: each timed count's median step time
+        self.hint: float | None = None          # the first trial: the budget's steps before it (not yet timed)
         self.queue: list[int] = []              # the counts this trial has still to time
         self.times: list[float] = []            # the steps timed so far with the count running now
         self.skip = 0
@@ -66,6 +68,10 @@ class ThreadGovernor(Callback):
             # a later trial counts the chosen count's latest steps as its timing and times only the other count
             self.trial = {self.chosen: statistics.median(self.recent)} if self.expected is not None and full else {}
             self.queue = [n for n in self.candidates if n not in self.trial]
+            # the first trial: the budget's steps so far (the very first allocates buffers) let a clearly slower
+            # one-thread probe stop early on free cores; the budget is still timed before anything is chosen
+            before = list(self.recent)[1:]
+            self.hint = statistics.median(before) if not self.trial and before else None
             self._time_next()
 
     def _time_next(self):
@@ -77,14 +83,14 @@ class ThreadGovernor(Callback):
             self.skip -= 1
             return
         self.times.append(seconds)
-        best = min(self.trial.values(), default=None)
+        best = min([*self.trial.values(), *([self.hint] if self.hint is not None else [])], default=None)
         clearly_slower = (best is not None and len(self.times) == ABORT_AFTER
                           and statistics.median(self.times) > SLOWER * best)
         if len(self.times) < WINDOW and not clearly_slower:
             return
         self.trial[self.current] = statistics.median(self.times)
-        if self.queue and not clearly_slower:
-            self._time_next()
+        if self.queue and not (clearly_slower and self.hint is None):   # a count slower than the hint: time the
+            self._time_next()                                              # budget itself next
             return
         medians, self.trial = self.trial, None
         best = min(medians, key=medians.get)

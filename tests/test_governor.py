@@ -45,6 +45,20 @@ def test_it_keeps_the_faster_count_and_says_so_once():
     assert gov2.interval > 200                          # unchanged choice: the next check comes later
 
 
+def test_on_free_cores_the_first_one_thread_probe_stays_short():
+    """One thread twice as slow (the cores are free): the steps before the first trial, run with both threads, show
+    it after a couple of steps; both threads are then timed for the window and kept."""
+    gov = ThreadGovernor(Threads(), 2)
+    gov.on_train_start(Run)
+    counts = []
+    for step in range(1, FIRST_TRIAL + 2 * SETTLE + ABORT_AFTER + WINDOW + 5):
+        counts.append(gov.current)
+        gov.on_step_end(Run, step, None, 0.1, {2: 0.004, 1: 0.008}[gov.current])
+    assert counts.count(1) == SETTLE + ABORT_AFTER
+    assert gov.trial is None and gov.current == 2 and gov.changes == []
+    assert gov.expected == 0.004                        # the budget itself was timed, not only the steps before
+
+
 def test_a_slowdown_brings_the_next_check_forward():
     gov = ThreadGovernor(Threads(), 2)
     feed(gov, {2: 0.004, 1: 0.006}, 60)                 # first trial done: 2 threads, next check at ~250
