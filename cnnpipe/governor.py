@@ -89,8 +89,9 @@ class ThreadGovernor(Callback):
         if len(self.times) < WINDOW and not clearly_slower:
             return
         self.trial[self.current] = statistics.median(self.times)
-        if self.queue and not (clearly_slower and self.hint is None):   # a count slower than the hint: time the
-            self._time_next()                                              # budget itself next
+        self.hint = None                        # the first trial's budget is timed against the probe, as any count
+        if self.queue:
+            self._time_next()
             return
         medians, self.trial = self.trial, None
         best = min(medians, key=medians.get)

@@ -159,6 +159,26 @@ def test_the_same_bits_whatever_the_threads_running_now(conv_path):
         np.testing.assert_array_equal(r2, r1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_rule5_partials_of_a_larger_thread_budget_sum_to_the_reference(im2col, dtype):
+    """A thread budget of 3 cuts backward into 3 groups of chunks, each with its own rule-5 partial (dW2dᵀ), summed in
+    order afterwards: dW agrees with the numpy backend's whatever the machine's cores."""
+    x, w, b, dy, S, P = conv_data((7, 3, 9, 9, 12, 3, 1, 1), dtype, seed=8)
+    _, ref_cache = REF.conv2d_forward(x, w, b, stride=S, pad=P)
+    ref = REF.conv2d_backward(dy, ref_cache)
+    try:
+        runtime.set_parts(3)
+        for kept in (True, False):                  # forward's columns, and columns rebuilt in backward
+            _, cache = B.conv2d_forward(x, w, b, stride=S, pad=P)
+            if not kept:
+                runtime.give_back(cache.cols)
+            assert len(conv.even_bounds(len(cache.bounds) - 1, runtime.parts())) - 1 == 3
+            for got, want in zip(B.conv2d_backward(dy, cache), ref):
+                assert rel_err(got, want) < TOL[np.dtype(dtype)]
+    finally:
+        set_threads(None, "numba")
+
+
 @pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["default-chunks", "one-sample-chunks"])
 def test_deterministic_and_chunking_agrees(monkeypatch, chunk_bytes, conv_path):
     """Two calls are bit-identical; a batch split into chunks (rule 5's sum over chunks) agrees too."""

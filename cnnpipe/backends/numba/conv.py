@@ -116,7 +116,7 @@ def _add_bias_to_nfp(y2d, b, n0, y):
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def _delta_to_fnp(dy, n0, dyT):
-    """dyT[f, j, :] = dy[n0+j, f, :]: δ reordered (N,F,P) -> (F,nb,P) for the sgemms."""
+    """dyT[f, j, :] = dy[n0+j, f, :]: δ reordered (N,F,P) -> (F,nb,P) for rule 4's sgemm."""
     F, nb, P = dyT.shape                      # dyT F,nb,P
     for r in range(F * nb):
         f = r // nb
@@ -303,7 +303,8 @@ def conv2d_backward(dy: np.ndarray, cache: ConvCache,
     with single_blas():
         _conv_backward_chunks(dy3, xp, w.reshape(F, CKK), S, pad, bounds, groups, (C, K, Ho, Wo),
                               NO_COLS[dt.str] if kept is None else kept, need_dx,
-                              dx if need_dx else NO_4D[dt.str], scratch("dyT", (N * F * P,), dt),
+                              dx if need_dx else NO_4D[dt.str],
+                              scratch("dyT", (N * F * P,), dt) if need_dx else NO_COLS[dt.str],
                               scratch("dyPF", (N * F * P,), dt), partial, blas_gemm(dt))
     if kept is not None:
         give_back(cache.cols)                            # the lease ends: a later backward rebuilds the columns
