@@ -3,12 +3,12 @@
 Two threads on two cores finish a parallel region only when both have run; while another process holds one core,
 every region waits for a time slice there and a step takes several times longer than with one thread on the free
 core. The governor's first trial times a window of steps with each thread count (1, then the run's budget) and
-keeps the faster, the steps before it (run with the budget) standing in for the budget's timing until it is timed;
-later trials (more and more seldom while the choice holds, sooner when steps slow down) time only
-the other count against the chosen one's latest steps. A count that is clearly slower than the best one timed so far
-is dropped after a couple of steps, so that checking whether the cores are free again costs little while they are
-not. The numba kernels cut their work by
-the run's budget, not by the threads running now, so the results are the same bits whatever the governor chooses.
+keeps the faster; until the budget is timed, the steps before the trial (run with it) stand in for its timing.
+Later trials (more and more seldom while the choice holds, sooner when steps slow down) time only the other count
+against the chosen one's latest steps. A count clearly slower than the best timing so far is dropped after a couple
+of steps, so that checking whether the cores are free again costs little while they are not. The numba kernels
+cut their work by the run's budget, not by the threads running now, so the results are the same bits whatever the
+governor chooses.
 """
 from __future__ import annotations
 

@@ -64,8 +64,8 @@ def _im2col(xp, n0, S, col):
                 dst = col[c, kh, kw, j]
                 for ho in range(Ho):
                     d = dst[ho]
-                    if S == 1:                # unit stride: contiguous rows, vectorized copy
-                        src = xc[ho + kh, kw:kw + Wo]
+                    if S == 1:                # unit stride: contiguous rows, vectorized copy (a loop here:
+                        src = xc[ho + kh, kw:kw + Wo]     # runtime.copy_row measured slower, docs/numba.md)
                         for wo in range(Wo):
                             d[wo] = src[wo]
                     else:
