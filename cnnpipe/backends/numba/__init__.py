@@ -52,8 +52,9 @@ Adding a kernel:
 6. Inside a loop, index arrays with the loop variable of a range(n) over a slice (xs = x[lo:hi]; xs[i]), not
    with x[lo + i]: numba cannot prove lo + i is not negative, adds its wraparound check, and the loop stops
    vectorizing.
-7. Copy a row from one array to another with runtime.copy_row(dst, src), not dst[...] = src[...]: numba's array
-   assignment goes through a temporary in case the two overlap (docs/numba.md).
+7. Copy a row from one array to another with a loop (runtime.copy_row(dst, src), or the loop inline where that
+   measures faster), not dst[...] = src[...]: numba's array assignment goes through a temporary in case the two
+   overlap (docs/numba.md).
 """
 from __future__ import annotations
 
