@@ -166,14 +166,15 @@ def fd_check_pool(B, N, C, H, W, size, stride, mode, seed=0, max_entries=60, eps
     return {"dx": _fd_compare(f"{mode}-pool dx ({rule})", dx, loss, x, rng, max_entries, eps, tol)}
 
 
-def random_conv_cases(seed, n):
-    """n valid conv shapes (N, C, H, W, F, K, stride, pad): K 1-6, stride 1-3, pad 0-3, H != W often."""
+def random_conv_cases(seed, n, kernels=range(1, 7), strides=range(1, 4), channels=range(1, 5), filters=range(1, 5)):
+    """n valid conv shapes (N, C, H, W, F, K, stride, pad): by default K 1-6, stride 1-3, C and F 1-4; pad 0-3,
+    H != W often."""
     rng, cases = np.random.default_rng(seed), []
     while len(cases) < n:
-        K, S, P = int(rng.integers(1, 7)), int(rng.integers(1, 4)), int(rng.integers(0, 4))
+        K, S, P = int(rng.choice(kernels)), int(rng.choice(strides)), int(rng.integers(0, 4))
         H, W = (int(v) for v in rng.integers(max(1, K - 2 * P), K + 9, size=2))
         if H + 2 * P >= K:
-            cases.append((int(rng.integers(1, 4)), int(rng.integers(1, 5)), H, W, int(rng.integers(1, 5)), K, S, P))
+            cases.append((int(rng.integers(1, 4)), int(rng.choice(channels)), H, W, int(rng.choice(filters)), K, S, P))
     return cases
 
 

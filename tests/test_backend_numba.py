@@ -35,7 +35,10 @@ CONV_CASES = EDGE_CONV_CASES + [
     (3, 1, 28, 28, 6, 5, 1, 2),  # LeNet-5 conv1
     (3, 6, 14, 14, 16, 5, 1, 0),  # LeNet-5 conv2
     (2, 32, 14, 14, 8, 5, 1, 2),  # convnet conv2 (fewer filters)
-] + random_conv_cases(seed=11, n=20)
+    (2, 1, 28, 28, 32, 5, 1, 2),  # convnet conv1
+    (2, 3, 32, 32, 12, 3, 1, 1),  # a CIFAR first layer, 3×3
+] + random_conv_cases(seed=11, n=20) + random_conv_cases(  # direct.py's blocks of 4 filters (4 channels for rule 4)
+    seed=13, n=8, kernels=(3, 5), strides=(1,), channels=range(4, 10), filters=range(4, 11))   # full, and the rest
 POOL_CASES = EDGE_POOL_CASES + random_pool_cases(seed=12, n=20)
 
 
@@ -44,17 +47,22 @@ def conv_path(request, monkeypatch):
     """A conv test runs on each of the backend's two convolutions: im2col + GEMM, and direct.py's (here for every
     unit-stride layer, not only the thin ones it is chosen for)."""
     if request.param == "im2col":
-        monkeypatch.setattr(direct, "MAX_FILTERS", 0)
+        _all_im2col(monkeypatch)
     else:
         monkeypatch.setattr(direct, "MAX_FILTERS", 1 << 30)
         monkeypatch.setattr(direct, "MAX_TAPS", 1 << 30)
     return request.param
 
 
+def _all_im2col(monkeypatch):
+    monkeypatch.setattr(direct, "MAX_FILTERS", 0)
+    monkeypatch.setattr(direct, "THIN_TAPS", 0)
+
+
 @pytest.fixture
 def im2col(monkeypatch):
     """Tests of the kept columns: every layer through im2col."""
-    monkeypatch.setattr(direct, "MAX_FILTERS", 0)
+    _all_im2col(monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
@@ -395,11 +403,12 @@ def test_backward_reads_the_kept_columns_without_writing_them(im2col):
 
 
 def test_thin_unit_stride_layers_go_direct_and_wide_ones_through_im2col():
-    """LeNet-5's convolutions (6 filters on 1 channel, 16 on 6) and the convnet's (32 on 1, 64 on 32) with the
-    shipped thresholds: only the 6-filter one is thin enough; a stride of 2 always takes im2col."""
+    """LeNet-5's convolutions (6 filters on 1 channel, 16 on 6), the convnet's (32 on 1, 64 on 32) and its CIFAR
+    first layer (32 on 3), 5×5, with the shipped thresholds: the first layers (few taps) and a thin one (few
+    filters) go direct; a stride of 2 always takes im2col."""
     rng = np.random.default_rng(0)
-    for (C, F, stride), want in {(1, 6, 1): True, (6, 16, 1): False, (1, 32, 1): False, (32, 64, 1): False,
-                                 (1, 6, 2): False}.items():
+    for (C, F, stride), want in {(1, 6, 1): True, (6, 16, 1): False, (1, 32, 1): True, (3, 32, 1): True,
+                                 (4, 32, 1): False, (4, 8, 1): True, (32, 64, 1): False, (1, 6, 2): False}.items():
         x = rng.standard_normal((2, C, 12, 12)).astype(np.float32)
         _, cache = B.conv2d_forward(x, np.ones((F, C, 5, 5), np.float32), np.zeros(F, np.float32), stride, 2)
         assert cache.direct == want, (C, F, stride)

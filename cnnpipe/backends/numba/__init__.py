@@ -9,9 +9,10 @@ How the work is split: every parallel step is one numba parallel region on numba
 where there is one, see cnnpipe.backends.import_numba), and the GEMMs run inside those regions as single-threaded
 BLAS (runtime.gemm: numpy's own OpenBLAS, pinned to one thread), so exactly T threads compute: no BLAS/numba
 oversubscription and no Python between the steps of a layer.
-- thin conv layers (direct.py; direct.suits: unit stride, few filters): direct convolution, one output plane per
-  task, each plane read as one flat array so every tap is one long vector loop; rule 4 as the full convolution of
-  zeropad(δ) with the flipped kernel, rule 5 as the valid correlation of zeropad(x) with δ.
+- thin conv layers (direct.py; direct.suits: unit stride, few filters or few taps, like a first layer): direct
+  convolution, one sample's block of 4 output planes per task, each plane read as one flat array so every tap is
+  one long vector loop shared by the block; rule 4 as the full convolution of zeropad(δ) with the flipped kernel,
+  rule 5 as the valid correlation of zeropad(x) with δ.
 - other conv layers (conv.py): the batch is cut into chunks (a chunk's columns stay in cache, at least one
   chunk per thread), one task per chunk. Forward per chunk: im2col col (C,K,K,nb,Ho,Wo) -> one sgemm
   W2d @ col -> bias add fused with the (F,nb,P) -> (N,F,P) reorder. Backward, one group of consecutive chunks

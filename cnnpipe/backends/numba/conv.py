@@ -319,11 +319,8 @@ def _direct_backward(dy, x, w, pad, dx):
     N, C, H, W = x.shape
     F, _, K, _ = w.shape
     _, _, Ho, Wo = dy.shape
-    Wp = W + 2 * pad
-    dyg = scratch("dyg", (N, F, (Ho - 1) * Wp + Wo), dy.dtype)          # δ on the padded width
-    direct.delta_on_grid(dy, Wp, dyg)
     dw = np.empty((F, C, K, K), dy.dtype)
-    direct.direct_weight_grad(_padded(x, pad), dyg, dw)
+    direct.direct_weight_grad(_padded(x, pad), dy, dw)
     if dx is not None:
         dyp = scratch("dyp", (N, F, Ho + 2 * (K - 1), Wo + 2 * (K - 1)), dy.dtype)   # zeropad(δ, K-1)
         _zeropad(dy, K - 1, dyp)
