@@ -196,6 +196,22 @@ def _conv_backward_chunks(dy3, xp, w2d, S, pad, bounds, groups, col_shape, kept,
                 _col2im(dcol.reshape((C, K, K, nb, Ho, Wo)), n0, S, pad, dx)
 
 
+@njit(parallel=True, cache=True, fastmath={"reassoc"}, error_model="numpy")
+def _bias_grad(dy3, db):
+    """Rule 6: db[f] = Σ_n Σ_p δ[n,f,p]. One filter per task: each sample's plane summed in vector lanes
+    (reassoc), the planes' sums added in sample order in float64: the same bits for any thread count."""
+    N, F, P = dy3.shape                       # dy3 N,F,P; db F
+    for f in prange(F):
+        total = 0.0
+        for n in range(N):
+            d = dy3[n, f]
+            s = np.float32(0)                 # float32 zero: unifies to float64 with float64 data
+            for p in range(P):
+                s += d[p]
+            total += s
+        db[f] = total
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def _zeropad(x, pad, xp):
     """xp = x with `pad` zeros on all four sides."""
@@ -291,7 +307,8 @@ def conv2d_backward(dy: np.ndarray, cache: ConvCache,
     _, _, Ho, Wo = dy.shape
     P, CKK = Ho * Wo, C * K * K
     dy3 = dy.reshape(N, F, P)
-    db = dy3.sum(axis=(0, 2))                            # rule 6: numpy's pairwise sum, deterministic
+    db = np.empty(F, dt)
+    _bias_grad(dy3, db)                                  # rule 6
     dx = np.empty((N, C, H, W), dt) if need_dx else None
     if cache.direct:
         dx, dw = _direct_backward(dy, x, w, pad, dx)
@@ -341,5 +358,5 @@ def _warm(dtype: np.dtype) -> None:
         conv2d_backward(y, cache, need_dx=False)         # rebuilt columns
 
 
-register(__name__, (_conv_forward_chunks, _conv_backward_chunks, _zeropad), _warm,
+register(__name__, (_conv_forward_chunks, _conv_backward_chunks, _bias_grad, _zeropad), _warm,
          inner=(_im2col, _col2im, _add_bias_to_nfp, _delta_to_fnp, _delta_to_pf, _chunk_cols))
