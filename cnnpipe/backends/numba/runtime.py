@@ -3,6 +3,7 @@ checks and the kernel registry that warm-up and the tests read."""
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 from typing import Callable, NamedTuple
 
@@ -235,7 +236,7 @@ _tls = threading.local()
 def scratch(role: str, shape: tuple, dtype) -> np.ndarray:
     """A C-contiguous work array of `shape`, reused across calls of the calling thread (contents undefined)."""
     bufs = _tls.__dict__.setdefault("bufs", {})
-    size = int(np.prod(shape))
+    size = math.prod(shape)
     key = (role, np.dtype(dtype).str)
     buf = bufs.get(key)
     if buf is None or buf.size < size:
