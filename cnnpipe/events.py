@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary, SummaryMetadata
 from tensorboard.compat.proto.tensor_pb2 import TensorProto
@@ -42,6 +43,7 @@ BUCKETS = _tf_buckets()
 class EventWriter:
     def __init__(self, log_dir: str | Path, purge_step: int | None = None):
         self.events = EventFileWriter(str(log_dir), max_queue_size=10, flush_secs=120)
+        Image.preinit()                     # PIL's PNG encoder loads now, once a run, not in the first image's step
         if purge_step is not None:          # a resumed run: TensorBoard drops the earlier attempt's events from here
             self.events.add_event(Event(step=purge_step, wall_time=time.time(), file_version="brain.Event:2"))
             self.events.add_event(Event(step=purge_step, wall_time=time.time(),
@@ -55,7 +57,6 @@ class EventWriter:
 
     def image(self, tag: str, img: np.ndarray, step: int) -> None:
         """img uint8 H,W,3 (or H,W,1), stored as PNG."""
-        from PIL import Image
         img = np.asarray(img)
         if img.dtype != np.uint8 or img.ndim != 3:
             raise ValueError(f"{tag}: an image is uint8 H,W,C; got {img.dtype} {img.shape}")
