@@ -19,7 +19,8 @@ oversubscription and no Python between the steps of a layer.
   per thread of the run's budget, per chunk: rule 5 dW2dᵀ += col2d @ δ, δ reordered to (nb·P, F), into the
   group's partial (the GEMM accumulates; the groups' partials are summed in order); rule 4 dx = col2im(W2dᵀ @ δ2d),
   δ2d reordered to (F,nb·P), the transposed convolution, which equals the full convolution of δ with the flipped
-  kernel. Rule 6 db is numpy's (deterministic) sum. Forward lends the batch's columns to the first backward when
+  kernel. Rule 6 db (both convolutions): one filter per task, each sample's plane summed in vector lanes, the
+  planes' sums in sample order. Forward lends the batch's columns to the first backward when
   they fit KEEP_COL_BYTES (a small layer's training batch); otherwise backward rebuilds them chunk by chunk from
   the padded input (in cache, cheaper than reading a large column buffer back from memory), so memory stays
   bounded for any batch size. Backward only reads the cache.
@@ -56,6 +57,9 @@ Adding a kernel:
 7. Copy a row from one array to another with a loop (runtime.copy_row(dst, src), or the loop inline where that
    measures faster), not dst[...] = src[...]: numba's array assignment goes through a temporary in case the two
    overlap (docs/numba.md).
+8. No integer division or remainder by a run-time value inside a loop (k // R, k % R): split such an index
+   outside the loop, or give the common case (R = 2) its own loop with shifts and masks. One division per
+   element made max-pool's backward 3× slower (docs/numba.md).
 """
 from __future__ import annotations
 
