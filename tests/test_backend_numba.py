@@ -56,7 +56,7 @@ def conv_path(request, monkeypatch):
 
 def _all_im2col(monkeypatch):
     monkeypatch.setattr(direct, "MAX_FILTERS", 0)
-    monkeypatch.setattr(direct, "THIN_TAPS", 0)
+    monkeypatch.setattr(direct, "THIN_CHANNELS", 0)
 
 
 @pytest.fixture
@@ -404,14 +404,17 @@ def test_backward_reads_the_kept_columns_without_writing_them(im2col):
 
 def test_thin_unit_stride_layers_go_direct_and_wide_ones_through_im2col():
     """LeNet-5's convolutions (6 filters on 1 channel, 16 on 6), the convnet's (32 on 1, 64 on 32) and its CIFAR
-    first layer (32 on 3), 5×5, with the shipped thresholds: the first layers (few taps) and a thin one (few
-    filters) go direct; a stride of 2 always takes im2col."""
+    first layer (32 on 3), 5×5, with the shipped thresholds: the first layers (1-3 channels, 3×3 or 5×5) and a
+    thin one (few filters) go direct; inner layers with few taps but many filters (1×1 on 64 channels, 3×3 on
+    8) and a stride of 2 take im2col."""
     rng = np.random.default_rng(0)
-    for (C, F, stride), want in {(1, 6, 1): True, (6, 16, 1): False, (1, 32, 1): True, (3, 32, 1): True,
-                                 (4, 32, 1): False, (4, 8, 1): True, (32, 64, 1): False, (1, 6, 2): False}.items():
+    for (C, F, K, stride), want in {(1, 6, 5, 1): True, (6, 16, 5, 1): False, (1, 32, 5, 1): True,
+                                    (3, 32, 5, 1): True, (3, 32, 3, 1): True, (4, 32, 5, 1): False,
+                                    (4, 8, 5, 1): True, (32, 64, 5, 1): False, (1, 6, 5, 2): False,
+                                    (64, 128, 1, 1): False, (8, 64, 3, 1): False, (3, 32, 2, 1): False}.items():
         x = rng.standard_normal((2, C, 12, 12)).astype(np.float32)
-        _, cache = B.conv2d_forward(x, np.ones((F, C, 5, 5), np.float32), np.zeros(F, np.float32), stride, 2)
-        assert cache.direct == want, (C, F, stride)
+        _, cache = B.conv2d_forward(x, np.ones((F, C, K, K), np.float32), np.zeros(F, np.float32), stride, K // 2)
+        assert cache.direct == want, (C, F, K, stride)
 
 
 @pytest.mark.parametrize("split", [0, 1e30], ids=["split", "one-call"])

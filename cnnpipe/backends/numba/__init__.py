@@ -9,7 +9,7 @@ How the work is split: every parallel step is one numba parallel region on numba
 where there is one, see cnnpipe.backends.import_numba), and the GEMMs run inside those regions as single-threaded
 BLAS (runtime.gemm: numpy's own OpenBLAS, pinned to one thread), so exactly T threads compute: no BLAS/numba
 oversubscription and no Python between the steps of a layer.
-- thin conv layers (direct.py; direct.suits: unit stride, few filters or few taps, like a first layer): direct
+- thin conv layers (direct.py; direct.suits: unit stride, few filters, or a first layer on 1-3 channels): direct
   convolution, one sample's block of 4 output planes per task, each plane read as one flat array so every tap is
   one long vector loop shared by the block; rule 4 as the full convolution of zeropad(δ) with the flipped kernel,
   rule 5 as the valid correlation of zeropad(x) with δ.

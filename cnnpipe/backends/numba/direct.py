@@ -1,4 +1,4 @@
-"""Direct convolution for thin layers (few filters, or few input channels × taps as in a first layer; stride 1),
+"""Direct convolution for thin layers (few filters, or a first layer's 1-3 input channels; stride 1),
 where im2col's copies and a GEMM with a short side cost more than the arithmetic: every plane is read as one flat
 row-major array, so that each tap's contribution to a whole output plane is one long contiguous vector loop
 (rules 4, 5 as the derivation writes them: valid correlations of zero-padded planes, rule 4 with the flipped
@@ -18,14 +18,16 @@ from cnnpipe.backends.numba.runtime import copy_row, register
 
 MAX_FILTERS = 8  # direct when a layer has this many filters or fewer: im2col's GEMM then has a short side
 MAX_TAPS = 256   # ... and at most this many taps C·K·K per filter (measurements: docs/numba.md)
-THIN_TAPS = 75   # or any filter count with at most this many taps: a first layer on 1-3 channels, 5×5
+THIN_CHANNELS = 3    # or any filter count on at most this many channels (a first layer: grey or RGB) ...
+BLOCK_KERNELS = (3, 5)   # ... with a kernel size the blocks have unrolled loops for
 BLOCK = 4        # planes one pass accumulates: 4 planes, 5 shifted rows and 20 weights fill 29 of 32 registers
 
 
 def suits(C: int, F: int, K: int, stride: int) -> bool:
     """Whether a convolution goes direct (thin, unit stride) rather than through im2col + GEMM."""
-    taps = C * K * K
-    return stride == 1 and (taps <= THIN_TAPS or F <= MAX_FILTERS and taps <= MAX_TAPS)
+    if stride != 1:
+        return False
+    return C <= THIN_CHANNELS and K in BLOCK_KERNELS or F <= MAX_FILTERS and C * K * K <= MAX_TAPS
 
 
 # fastmath: 'contract' lets a multiply-add become one FMA; 'reassoc' lets a dot product be summed in vector lanes
