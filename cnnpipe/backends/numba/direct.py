@@ -127,12 +127,12 @@ def _add_block_taps(acc, x, w, j0, c, kh, base):
 
 
 @njit(nogil=True, cache=True, fastmath=_FAST, error_model="numpy")
-def _block_row_dots(dg, f0, x, base, out):
-    """out[j, kw] += Σ_i dg[f0+j, i]·x[base + kw + i] for every filter j of the block: one kernel row of rule 5's
+def _block_row_dots(dg, x, base, out):
+    """out[j, kw] += Σ_i dg[j, i]·x[base + kw + i] for every filter j of the block: one kernel row of rule 5's
     correlation for BLOCK filters at once when the block is full and K is 5 or 3 (each shifted input row is loaded
     once for all of them), else filter by filter."""
     if out.shape[0] == BLOCK and out.shape[1] == 5:
-        d0, d1, d2, d3 = dg[f0], dg[f0 + 1], dg[f0 + 2], dg[f0 + 3]
+        d0, d1, d2, d3 = dg[0], dg[1], dg[2], dg[3]
         L = d0.size
         x0, x1, x2 = x[base:base + L], x[base + 1:base + 1 + L], x[base + 2:base + 2 + L]
         x3, x4 = x[base + 3:base + 3 + L], x[base + 4:base + 4 + L]
@@ -187,7 +187,7 @@ def _block_row_dots(dg, f0, x, base, out):
         o3[3] += t3
         o3[4] += t4
     elif out.shape[0] == BLOCK and out.shape[1] == 3:
-        d0, d1, d2, d3 = dg[f0], dg[f0 + 1], dg[f0 + 2], dg[f0 + 3]
+        d0, d1, d2, d3 = dg[0], dg[1], dg[2], dg[3]
         L = d0.size
         x0, x1, x2 = x[base:base + L], x[base + 1:base + 1 + L], x[base + 2:base + 2 + L]
         z = np.float32(0)
@@ -225,7 +225,7 @@ def _block_row_dots(dg, f0, x, base, out):
         o3[2] += t2
     else:
         for j in range(out.shape[0]):
-            _row_dots(dg[f0 + j], x, base, out[j])
+            _row_dots(dg[j], x, base, out[j])
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST, error_model="numpy")
@@ -298,7 +298,7 @@ def direct_weight_grad(xp, dy, dw):
                     copy_row(g[h * Wp:h * Wp + Wo], d[h])
             x = xp[n, c].reshape(-1)
             for kh in range(K):
-                _block_row_dots(grid, 0, x, kh * Wp, acc[:, kh])
+                _block_row_dots(grid, x, kh * Wp, acc[:, kh])
         for j in range(nf):
             dw[f0 + j, c] = acc[j]
 
