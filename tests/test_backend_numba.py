@@ -120,6 +120,19 @@ def test_max_pool_ties_first_max_and_overlaps_accumulate():
         np.testing.assert_array_equal(dx, expect)
 
 
+@pytest.mark.parametrize("size,stride", [(2, 2), (3, 2)], ids=["2x2", "3x3-s2"])
+def test_max_pool_a_nan_wins_its_window_and_gets_its_delta(size, stride):
+    """A NaN is its window's maximum wherever it sits (as in PyTorch), and rule 2 routes the window's δ to it."""
+    x = np.arange(2 * 6 * 7, dtype=np.float32).reshape(1, 2, 6, 7)
+    x[0, 1, 3, 3] = np.nan                               # only in window (1, 1) of either pooling, not its top-left
+    y, cache = B.pool2d_forward(x, size=size, stride=stride, mode="max")
+    assert np.isnan(y[0, 1, 1, 1]) and np.isnan(y).sum() == 1
+    dx = B.pool2d_backward(np.ones_like(y), cache)
+    assert dx[0, 1, 3, 3] == 1
+    y_ref, cache_ref = REF.pool2d_forward(np.nan_to_num(x, nan=1e9), size=size, stride=stride, mode="max")
+    np.testing.assert_array_equal(dx, REF.pool2d_backward(np.ones_like(y_ref), cache_ref))
+
+
 def test_uneven_pool_remainder_gets_zero_gradient():
     x = np.random.default_rng(0).standard_normal((2, 3, 7, 9))
     for mode in ("max", "mean"):

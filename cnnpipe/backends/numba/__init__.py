@@ -57,9 +57,9 @@ Adding a kernel:
 7. Copy a row from one array to another with a loop (runtime.copy_row(dst, src), or the loop inline where that
    measures faster), not dst[...] = src[...]: numba's array assignment goes through a temporary in case the two
    overlap (docs/numba.md).
-8. No integer division or remainder by a run-time value inside a loop (k // R, k % R): split such an index
-   outside the loop, or give the common case (R = 2) its own loop with shifts and masks. One division per
-   element made max-pool's backward 3× slower (docs/numba.md).
+8. No integer division or remainder by a run-time value inside a loop (k // R, k % R): record the index the
+   loop needs instead (max-pool's forward records each winner's position in the plane, not its offset in the
+   window). One division per element made max-pool's backward 3× slower (docs/numba.md).
 """
 from __future__ import annotations
 

@@ -18,46 +18,51 @@ class PoolCache(NamedTuple):
     dtype: np.dtype
     size: int                             # R
     stride: int                           # S
-    arg: np.ndarray | None                # max: winner offset i*R+j per window, N,C,Ho,Wo int32; mean: None
+    arg: np.ndarray | None                # max: each window's winner, its position h*W + w in the input plane,
+                                          # N,C,Ho,Wo int32; mean: None
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def _maxpool_plane(xp, R, S, yp, ap):
-    """One plane: y = max over each R×R window; arg = row-major offset i*R+j of its winner: the first maximum
+    """One plane: y = max over each R×R window; arg = its winner's position h*W + w in the plane: the first maximum
     (strictly greater takes over), or a NaN, which wins wherever it is (NaN propagates, as in PyTorch). The
     comparison picks with selects, not branches: random data would mispredict every other one."""
     Ho, Wo = yp.shape                         # yp, ap Ho,Wo; xp H,W
+    W = xp.shape[1]
     for ho in range(Ho):
         for wo in range(Wo):
             h0, w0 = ho * S, wo * S
-            best, k = xp[h0, w0], 0
+            best, k = xp[h0, w0], h0 * W + w0
             for i in range(R):
                 for j in range(R):
                     v = xp[h0 + i, w0 + j]
                     take = (v > best) | (v != v)
                     best = v if take else best
-                    k = i * R + j if take else k
+                    k = (h0 + i) * W + w0 + j if take else k
             yp[ho, wo] = best
             ap[ho, wo] = k
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def _maxpool_plane_2x2(xp, yp, ap):
-    """_maxpool_plane for 2×2 windows every 2, as vector code: the maximum first, then the first offset that
+    """_maxpool_plane for 2×2 windows every 2, as vector code: the maximum first, then the first position that
     holds it. True when the plane holds a NaN (the caller then redoes it with _maxpool_plane's NaN rule)."""
     Ho, Wo = yp.shape                         # yp, ap Ho,Wo; xp H,W
+    W = np.int32(xp.shape[1])
     nan = False
     for ho in range(Ho):
         r0, r1, yr, ar = xp[2 * ho], xp[2 * ho + 1], yp[ho], ap[ho]
+        row = np.int32(2 * ho) * W                # the window's top-left at 2*ho*W + 2*wo
         for wo in range(Wo):
             a, b, c, d = r0[2 * wo], r0[2 * wo + 1], r1[2 * wo], r1[2 * wo + 1]
             top = a if a >= b else b
             bottom = c if c >= d else d
             m = top if top >= bottom else bottom
-            k = np.int32(3)
-            k = np.int32(2) if c == m else k
-            k = np.int32(1) if b == m else k
-            k = np.int32(0) if a == m else k
+            tl = row + np.int32(2 * wo)
+            k = tl + W + np.int32(1)
+            k = tl + W if c == m else k
+            k = tl + np.int32(1) if b == m else k
+            k = tl if a == m else k
             yr[wo] = m
             ar[wo] = k
             nan |= (a != a) | (b != b) | (c != c) | (d != d)
@@ -75,23 +80,18 @@ def _maxpool_forward(x, R, S, y, arg):
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _maxpool_backward(dy, arg, R, S, dx):
-    """Rule 2: δ goes only to each window's recorded winner; overlapping windows accumulate."""
-    N, C, Ho, Wo = dy.shape                   # dy, arg N,C,Ho,Wo; dx N,C,H,W
+def _maxpool_backward(dy, arg, dx):
+    """Rule 2: δ goes only to each window's recorded winner (its position in the plane); overlapping windows
+    accumulate."""
+    N, C, Ho, Wo = dy.shape                   # dy, arg N,C,Ho,Wo; dx N,C,H,W (fresh, C-contiguous)
     for r in prange(N * C):
         n, c = r // C, r % C
-        dx[n, c] = 0
-        if R == 2:                            # the common window: the winner's row and column without a division
-            for ho in range(Ho):
-                dr, ar = dy[n, c, ho], arg[n, c, ho]
-                for wo in range(Wo):
-                    k = ar[wo]
-                    dx[n, c, ho * S + (k >> 1), wo * S + (k & 1)] += dr[wo]
-            continue
+        plane = dx[n, c].reshape(-1)
+        plane[:] = 0
         for ho in range(Ho):
+            dr, ar = dy[n, c, ho], arg[n, c, ho]
             for wo in range(Wo):
-                k = arg[n, c, ho, wo]
-                dx[n, c, ho * S + k // R, wo * S + k % R] += dy[n, c, ho, wo]
+                plane[ar[wo]] += dr[wo]
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -166,7 +166,7 @@ def pool2d_backward(dy: np.ndarray, cache: PoolCache) -> np.ndarray:
     dy = contiguous(dy, cache.dtype)                     # dy N,C,Ho,Wo
     dx = np.empty(cache.xshape, cache.dtype)             # dx N,C,H,W (fresh; kernels zero it)
     if cache.mode == "max":
-        _maxpool_backward(dy, cache.arg, cache.size, cache.stride, dx)
+        _maxpool_backward(dy, cache.arg, dx)
     else:
         _meanpool_backward(dy, cache.size, cache.stride, dx)
     return dx
