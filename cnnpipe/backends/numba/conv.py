@@ -44,6 +44,7 @@ class ConvCache(NamedTuple):
     cols: Lease | None                    # flat C,K,K,N,Ho,Wo by chunk (sample-major); None: too big to keep
     bounds: np.ndarray | None             # the chunks the kept columns are laid out by
     direct: bool = False                  # computed by direct.py (no columns)
+    xp: np.ndarray | None = None          # direct: the zero-padded input N,C,Hp,Wp, which rule 5 reads again
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -236,12 +237,13 @@ def _chunks(N, bytes_per_sample):
     return np.array([*range(0, N, nb), N], np.int64)
 
 
-def _padded(x, pad):
-    """zeropad(x) in a reused work buffer (x itself when pad is 0)."""
+def _padded(x, pad, keep=False):
+    """zeropad(x) in a reused work buffer, or a fresh array when a cache keeps it (x itself when pad is 0)."""
     if pad == 0:
         return x
     N, C, H, W = x.shape
-    xp = scratch("xp", (N, C, H + 2 * pad, W + 2 * pad), x.dtype)   # N,C,Hp,Wp
+    shape = (N, C, H + 2 * pad, W + 2 * pad)             # N,C,Hp,Wp
+    xp = np.empty(shape, x.dtype) if keep else scratch("xp", shape, x.dtype)
     _zeropad(x, pad, xp)
     return xp
 
@@ -267,8 +269,9 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int = 1,
     if direct.suits(C, F, K, S):                         # thin layer: no columns
         Ho, Wo = out_size(H, K, S, pad, what="numba conv2d"), out_size(W, K, S, pad, what="numba conv2d")
         y = np.empty((N, F, Ho, Wo), x.dtype)            # y N,F,Ho,Wo (fresh)
-        direct.direct_forward(_padded(x, pad), w, b, y)
-        return y, ConvCache(x, w, S, pad, None, None, direct=True)
+        xp = _padded(x, pad, keep=True)
+        direct.direct_forward(xp, w, b, y)
+        return y, ConvCache(x, w, S, pad, None, None, direct=True, xp=xp)
     return _im2col_forward(x, w, b, S, pad)
 
 
@@ -311,7 +314,7 @@ def conv2d_backward(dy: np.ndarray, cache: ConvCache,
     _bias_grad(dy3, db)                                  # rule 6
     dx = np.empty((N, C, H, W), dt) if need_dx else None
     if cache.direct:
-        dx, dw = _direct_backward(dy, x, w, pad, dx)
+        dx, dw = _direct_backward(dy, cache.xp, w, pad, dx)
         return dx, dw, db
     xp = _padded(x, pad) if kept is None else NO_4D[dt.str]   # xp N,C,Hp,Wp
     bounds = _chunks(N, CKK * P * dt.itemsize) if kept is None else cache.bounds   # kept: laid out by these
@@ -331,13 +334,13 @@ def conv2d_backward(dy: np.ndarray, cache: ConvCache,
     return dx, np.ascontiguousarray(dw2dT.T).reshape(F, C, K, K), db
 
 
-def _direct_backward(dy, x, w, pad, dx):
-    """Rules 4 and 5 by direct.py: (dx or None, dW)."""
-    N, C, H, W = x.shape
+def _direct_backward(dy, xp, w, pad, dx):
+    """Rules 4 and 5 by direct.py, xp the forward's zero-padded input: (dx or None, dW)."""
+    N, C = xp.shape[:2]
     F, _, K, _ = w.shape
     _, _, Ho, Wo = dy.shape
     dw = np.empty((F, C, K, K), dy.dtype)
-    direct.direct_weight_grad(_padded(x, pad), dy, dw)
+    direct.direct_weight_grad(xp, dy, dw)
     if dx is not None:
         dyp = scratch("dyp", (N, F, Ho + 2 * (K - 1), Wo + 2 * (K - 1)), dy.dtype)   # zeropad(δ, K-1)
         _zeropad(dy, K - 1, dyp)
