@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
 	@# One resolve for all extras the tests use: Ray's cloudpickle<3 pin then also picks a joblib that agrees.
-	$(PIP) install -q -e '.[test,sweep,ray,export]'
+	$(PIP) install -q -e '.[test,sweep,ray,export,fast]'
 	$(PY) -c "import hydra_plugins.hydra_joblib_launcher, hydra_plugins.hydra_submitit_launcher, hydra_plugins.hydra_optuna_sweeper, hydra_plugins.hydra_ray_launcher.ray_launcher, ray, torch, torchvision, numba, onnx, onnxruntime"
 	@# Offline Fashion-MNIST from Debian (skipped quietly without apt-get or root).
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \

@@ -42,16 +42,26 @@ CONV_CASES = EDGE_CONV_CASES + [
 POOL_CASES = EDGE_POOL_CASES + random_pool_cases(seed=12, n=20)
 
 
-@pytest.fixture(params=["im2col", "direct"])
+@pytest.fixture(params=["im2col", "im2col-openblas", "direct"])
 def conv_path(request, monkeypatch):
-    """A conv test runs on each of the backend's two convolutions: im2col + GEMM, and direct.py's (here for every
-    unit-stride layer, not only the thin ones it is chosen for)."""
-    if request.param == "im2col":
+    """A conv test runs on each of the backend's two convolutions: im2col + GEMM (on the GEMM the backend picks, and
+    on numpy's OpenBLAS, the one it falls back to without MKL), and direct.py's (here for every unit-stride layer,
+    not only the thin ones it is chosen for). Returns the convolution's name."""
+    if request.param.startswith("im2col"):
         _all_im2col(monkeypatch)
     else:
         monkeypatch.setattr(direct, "MAX_FILTERS", 1 << 30)
         monkeypatch.setattr(direct, "MAX_TAPS", 1 << 30)
-    return request.param
+    if request.param == "im2col-openblas":
+        _openblas_gemm(monkeypatch)
+    return request.param.split("-")[0]
+
+
+def _openblas_gemm(monkeypatch):
+    """The kernels' GEMM is numpy's OpenBLAS even where MKL is installed."""
+    monkeypatch.setattr(runtime, "_GEMMS", {np.dtype(t): runtime.find_gemm(t, runtime.gemm_libraries(mkl=False))
+                                            for t in DTYPES})
+    assert "mkl" not in runtime.gemm_library()
 
 
 def _all_im2col(monkeypatch):
@@ -430,14 +440,17 @@ def test_thin_unit_stride_layers_go_direct_and_wide_ones_through_im2col():
         assert cache.direct == want, (C, F, K, stride)
 
 
+@pytest.mark.parametrize("engine", ["picked", "openblas"])
 @pytest.mark.parametrize("split", [0, 1e30], ids=["split", "one-call"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("b_transposed", [True, False], ids=["b=Wt", "b=W"])
 @pytest.mark.parametrize("M,K,N", [(3, 5, 2), (64, 400, 120), (120, 64, 400), (257, 300, 33), (1, 7, 9)])
-def test_matmul_agrees_with_numpy(monkeypatch, dtype, M, K, N, split, b_transposed):
+def test_matmul_agrees_with_numpy(monkeypatch, dtype, M, K, N, split, b_transposed, engine):
     """The dense layers' product: split over the workers by columns (wider than tall) or rows (large), or one
-    call (small), any strides; a single row too."""
+    call (small), any strides; a single row too; on the GEMM the backend picks and on numpy's OpenBLAS."""
     monkeypatch.setattr(dense, "MATMUL_SPLIT_FLOPS", split)
+    if engine == "openblas":
+        _openblas_gemm(monkeypatch)
     rng = np.random.default_rng(M * N + K)
     a = rng.standard_normal((K, M)).astype(dtype).T                     # a transposed view, like δᵀ
     b = rng.standard_normal((N, K)).astype(dtype).T if b_transposed else rng.standard_normal((K, N)).astype(dtype)
@@ -505,3 +518,23 @@ def test_relu_agrees_with_numpy(dtype, shape):
     np.testing.assert_array_equal(y, REF.relu_forward(x))
     np.testing.assert_array_equal(B.relu_backward(delta, y), REF.relu_backward(delta, REF.relu_forward(x)))
     assert y.dtype == dtype and y.shape == shape
+
+
+def test_the_gemm_is_sequential_mkl_where_the_fast_extra_is_installed_on_an_intel_cpu():
+    """`make setup` installs the `fast` extra (the mkl wheel); on an Intel CPU the kernels' GEMM is then MKL's
+    cblas_sgemm in its sequential layer (one thread a call: numba's threads make the calls), else OpenBLAS's."""
+    import ctypes
+    from importlib import metadata
+    try:
+        metadata.version("mkl")
+    except metadata.PackageNotFoundError:
+        pytest.skip("the mkl wheel (the fast extra) is not installed")
+    path = runtime.gemm_library(np.float32)
+    assert path == runtime.gemm_library(np.float64)
+    if not runtime._intel_cpu():
+        assert "mkl" not in path
+        return
+    mkl = ctypes.CDLL(path)
+    address = ctypes.cast(runtime.blas_gemm(np.float32), ctypes.c_void_p).value
+    assert address == ctypes.cast(mkl.cblas_sgemm, ctypes.c_void_p).value
+    assert mkl.MKL_Get_Max_Threads() == 1

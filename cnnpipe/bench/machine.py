@@ -33,8 +33,23 @@ def machine_info() -> dict:
                                for d in threadpool_info() if d.get("user_api") == "blas"})
     except ImportError:
         info["blas"] = []
+    info["gemm"] = _kernels_gemm()
     info["env"] = {k: os.environ[k] for k in ENV_KEYS if k in os.environ}
     return info
+
+
+def _kernels_gemm() -> str:
+    """The library the numba backend's kernels take their GEMM from, with the mkl wheel's version when it is MKL."""
+    from cnnpipe import ConfigError
+    try:
+        from cnnpipe.backends.numba import runtime
+        name = os.path.basename(runtime.gemm_library())
+    except (ImportError, ConfigError):                   # numba missing, or no BLAS: the report says "?"
+        return "?"
+    if "mkl" in name:
+        from importlib import metadata
+        name += f" (mkl {metadata.version('mkl')}, sequential)"
+    return name
 
 
 def load_avg() -> list[float] | None:

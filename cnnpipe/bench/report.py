@@ -187,7 +187,7 @@ def render(rep: dict, explain: bool = True) -> str:
     out = ["# Benchmark: the user's command, numpy and numba beside PyTorch", "",
            f"Measured {m['date']} on {m['cpu']} ({m['cpus']} cores; {', '.join(m['simd'])}; {m.get('mem_gb', '?')} "
            f"GB), {m['platform']}, Python {m['python']}, numpy {m['numpy']}, numba {m['numba']}, torch {m['torch']}; "
-           f"BLAS {'; '.join(m['blas']) or '?'}. Environment: "
+           f"BLAS {'; '.join(m['blas']) or '?'}; the numba kernels' GEMM from {m.get('gemm', '?')}. Environment: "
            f"{', '.join(f'{k}={v}' for k, v in m['env'].items()) or 'no BLAS/thread variables set'}. Load average "
            f"at start {rep['load_avg_start']}, at end {rep['load_avg_end']}. Targets: docs/bench-targets.yaml.", ""]
     if (rep["load_avg_start"] or [0])[0] > 0.5 * m["cpus"]:

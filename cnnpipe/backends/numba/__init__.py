@@ -7,8 +7,9 @@ P = Ho*Wo output pixels, R pool window size, nb samples in one batch chunk.
 
 How the work is split: every parallel step is one numba parallel region on numba's T threads (the OpenMP layer
 where there is one, see cnnpipe.backends.import_numba), and the GEMMs run inside those regions as single-threaded
-BLAS (runtime.gemm: numpy's own OpenBLAS, pinned to one thread), so exactly T threads compute: no BLAS/numba
-oversubscription and no Python between the steps of a layer.
+BLAS (runtime.gemm: MKL's sequential layer where the `fast` extra is installed on an Intel CPU, else numpy's own
+OpenBLAS pinned to one thread), so exactly T threads compute: no BLAS/numba oversubscription and no Python between
+the steps of a layer.
 - thin conv layers (direct.py; direct.suits: unit stride, few filters, or a first layer on 1-3 channels): direct
   convolution, one sample's block of 4 output planes per task, each plane read as one flat array so every tap is
   one long vector loop shared by the block; rule 4 as the full convolution of zeropad(δ) with the flipped kernel,

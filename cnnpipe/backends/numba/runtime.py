@@ -3,7 +3,11 @@ checks and the kernel registry that warm-up and the tests read."""
 from __future__ import annotations
 
 import ctypes
+import glob
 import math
+import os
+import site
+import sys
 import threading
 from typing import Callable, NamedTuple
 
@@ -101,22 +105,61 @@ class single_blas:
 
 
 # ----------------------------------------------------------------------------------------------------
-# the GEMM: numpy's own BLAS, called from inside the kernels
+# the GEMM: MKL's where it is installed and the CPU is Intel's, else numpy's own BLAS; called from inside the kernels
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112           # CBLAS enum values
 _GEMM_ARGS = {np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double}
+_MKL_SEQUENTIAL = 1                                      # MKL_THREADING_SEQUENTIAL
 
 
-def _find_gemm(t: str, ctype) -> ctypes._CFuncPtr:
-    """cblas_<t>gemm of the first loaded BLAS that has one, numpy's first (numba's own np.dot calls scipy's
-    bundled BLAS, which runs small products at half the speed here: docs/numba.md). Integer arguments are
+def _intel_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return "GenuineIntel" in info.read(4096)
+    except OSError:
+        return False
+
+
+def _sequential_mkl() -> str | None:
+    """The path of MKL's runtime library from the `mkl` wheel (the `fast` extra), switched to its sequential layer
+    (each call runs in the thread that makes it: the kernels call it from numba's threads), on Intel CPUs only,
+    where it was measured faster than OpenBLAS (docs/numba.md). None where any of that does not hold."""
+    if not _intel_cpu():
+        return None
+    for base in dict.fromkeys((sys.prefix, site.getuserbase())):
+        for path in sorted(glob.glob(os.path.join(base, "lib", "libmkl_rt.so*"))):
+            try:
+                dll = ctypes.CDLL(path)
+            except OSError:
+                continue
+            # fails (returns the layer in use) where another part of the process started MKL with threads
+            if dll.MKL_Set_Threading_Layer(_MKL_SEQUENTIAL) == _MKL_SEQUENTIAL:
+                return path
+    return None
+
+
+def gemm_libraries(mkl: bool = True) -> list[str]:
+    """The libraries blas_gemm takes cblas_?gemm from, best first: MKL (see _sequential_mkl) unless mkl is False,
+    then every loaded BLAS, numpy's first (numba's own np.dot calls scipy's bundled BLAS, which runs small products
+    at half the speed here: docs/numba.md)."""
+    best = _sequential_mkl() if mkl else None
+    loaded = [lib for lib in _blas_libs() if lib.internal_api != "mkl"]
+    loaded.sort(key=lambda lib: "numpy" not in lib.filepath)
+    return ([best] if best else []) + [lib.filepath for lib in loaded]
+
+
+def find_gemm(dtype, libraries: list[str]) -> tuple[ctypes._CFuncPtr, str]:
+    """cblas_sgemm or cblas_dgemm (as dtype) of the first of `libraries` that has one, and that library's path.
+    Integer arguments are
     passed as 64-bit: right for ILP64 builds, and read correctly by LP64 ones (every argument of the C calling
     convention fills a 64-bit slot). Checked on a small product before use."""
+    dtype = np.dtype(dtype)
+    t, ctype = ("s" if dtype == np.float32 else "d"), _GEMM_ARGS[dtype]
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     names = [f"{pre}cblas_{t}gemm{suf}" for pre in ("scipy_", "") for suf in ("64_", "")]
-    for lib in _blas_libs():
+    for path in libraries:
         try:
-            dll = ctypes.CDLL(lib.filepath)
+            dll = ctypes.CDLL(path)
         except OSError:
             continue
         for name in names:
@@ -127,10 +170,9 @@ def _find_gemm(t: str, ctype) -> ctypes._CFuncPtr:
             fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64, i64, ctype, ptr, i64, ptr, i64, ctype,
                            ptr, i64]
             if _gemm_works(fn, t):
-                return fn
-    raise ConfigError("numba backend: no loaded BLAS library offers cblas_sgemm/cblas_dgemm (looked in "
-                      f"{[lib.filepath for lib in _blas_libs()]}). Install numpy and scipy from PyPI wheels, which "
-                      f"bundle OpenBLAS, or use backend=numpy.")
+                return fn, path
+    raise ConfigError(f"numba backend: no BLAS library offers cblas_sgemm/cblas_dgemm (looked in {libraries}). "
+                      f"Install numpy and scipy from PyPI wheels, which bundle OpenBLAS, or use backend=numpy.")
 
 
 def _gemm_works(fn, t: str) -> bool:
@@ -141,7 +183,7 @@ def _gemm_works(fn, t: str) -> bool:
     return bool(np.array_equal(out, a @ b))
 
 
-_GEMMS: dict = {}
+_GEMMS: dict = {}                                       # dtype -> (cblas function, its library's path)
 
 
 def blas_gemm(dtype) -> ctypes._CFuncPtr:
@@ -149,8 +191,14 @@ def blas_gemm(dtype) -> ctypes._CFuncPtr:
     passed in at run time, so the compiled kernels stay in numba's disk cache)."""
     dtype = np.dtype(dtype)
     if dtype not in _GEMMS:
-        _GEMMS[dtype] = _find_gemm("s" if dtype == np.float32 else "d", _GEMM_ARGS[dtype])
-    return _GEMMS[dtype]
+        _GEMMS[dtype] = find_gemm(dtype, gemm_libraries())
+    return _GEMMS[dtype][0]
+
+
+def gemm_library(dtype=np.float32) -> str:
+    """The path of the library blas_gemm(dtype) comes from."""
+    blas_gemm(dtype)
+    return _GEMMS[np.dtype(dtype)][1]
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
