@@ -113,6 +113,7 @@ _MKL_SEQUENTIAL = 1                                      # MKL_THREADING_SEQUENT
 
 
 def _intel_cpu() -> bool:
+    """Whether /proc/cpuinfo names an Intel CPU (False where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as info:
             return "GenuineIntel" in info.read(4096)
@@ -150,9 +151,8 @@ def gemm_libraries(mkl: bool = True) -> list[str]:
 
 def find_gemm(dtype, libraries: list[str]) -> tuple[ctypes._CFuncPtr, str]:
     """cblas_sgemm or cblas_dgemm (as dtype) of the first of `libraries` that has one, and that library's path.
-    Integer arguments are
-    passed as 64-bit: right for ILP64 builds, and read correctly by LP64 ones (every argument of the C calling
-    convention fills a 64-bit slot). Checked on a small product before use."""
+    Integer arguments are passed as 64-bit: right for ILP64 builds, and read correctly by LP64 ones (every argument
+    of the C calling convention fills a 64-bit slot). Checked on a small product before use."""
     dtype = np.dtype(dtype)
     t, ctype = ("s" if dtype == np.float32 else "d"), _GEMM_ARGS[dtype]
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
