@@ -3,12 +3,11 @@ checks and the kernel registry that warm-up and the tests read."""
 from __future__ import annotations
 
 import ctypes
-import glob
+import functools
 import math
 import os
-import site
-import sys
 import threading
+from importlib import metadata
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -121,28 +120,35 @@ def _intel_cpu() -> bool:
         return False
 
 
+@functools.cache
 def _sequential_mkl() -> str | None:
-    """The path of MKL's runtime library from the `mkl` wheel (the `fast` extra), switched to its sequential layer
-    (each call runs in the thread that makes it: the kernels call it from numba's threads), on Intel CPUs only,
-    where it was measured faster than OpenBLAS (docs/numba.md). None where any of that does not hold."""
-    if not _intel_cpu():
+    """The path of MKL's runtime library from the installed `mkl` wheel (the `fast` extra), switched to its
+    sequential layer (each call runs in the thread that makes it: the kernels call it from numba's threads), on Intel
+    CPUs only, where it was measured faster than OpenBLAS (docs/numba.md). None where any of that does not hold, and
+    where an MKL is loaded already (a numpy built on MKL, say): switching its layer would make that one sequential
+    too."""
+    if not _intel_cpu() or any(lib.internal_api == "mkl" for lib in _blas_libs()):
         return None
-    for base in dict.fromkeys((sys.prefix, site.getuserbase())):
-        for path in sorted(glob.glob(os.path.join(base, "lib", "libmkl_rt.so*"))):
-            try:
-                dll = ctypes.CDLL(path)
-            except OSError:
-                continue
-            # fails (returns the layer in use) where another part of the process started MKL with threads
-            if dll.MKL_Set_Threading_Layer(_MKL_SEQUENTIAL) == _MKL_SEQUENTIAL:
-                return path
+    try:
+        files = metadata.files("mkl") or []
+    except metadata.PackageNotFoundError:
+        return None
+    for path in sorted(os.path.realpath(f.locate()) for f in files if f.name.startswith("libmkl_rt.so")):
+        try:
+            dll = ctypes.CDLL(path)
+        except OSError:
+            continue
+        # returns the layer in use: not sequential where something started this MKL with threads first
+        if dll.MKL_Set_Threading_Layer(_MKL_SEQUENTIAL) == _MKL_SEQUENTIAL:
+            return path
     return None
 
 
 def gemm_libraries(mkl: bool = True) -> list[str]:
     """The libraries blas_gemm takes cblas_?gemm from, best first: MKL (see _sequential_mkl) unless mkl is False,
-    then every loaded BLAS, numpy's first (numba's own np.dot calls scipy's bundled BLAS, which runs small products
-    at half the speed here: docs/numba.md)."""
+    then every loaded OpenBLAS or other non-MKL BLAS, numpy's first (numba's own np.dot calls scipy's bundled BLAS,
+    which runs small products at half the speed here: docs/numba.md). A loaded MKL other than ours is left out: its
+    threads could not be pinned inside numba's (threadpoolctl sets MKL's thread count per calling thread)."""
     best = _sequential_mkl() if mkl else None
     loaded = [lib for lib in _blas_libs() if lib.internal_api != "mkl"]
     loaded.sort(key=lambda lib: "numpy" not in lib.filepath)
